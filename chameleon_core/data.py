@@ -1,0 +1,212 @@
+"""Datasets as lists of :class:`Record`: WikiText-2, Alpaca and a synthetic multi-domain corpus.
+
+Every record says what the model reads (``prompt + response``), what is scored (``response``)
+and what is known at inference time to condition on (``condition``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASETS = ("wikitext", "alpaca", "synthetic")
+ALPACA_HUB_IDS = ("yahma/alpaca-cleaned", "tatsu-lab/alpaca")
+RESPONSE_MARKER = "### Response:\n"
+
+
+@dataclass(frozen=True)
+class Record:
+    prompt: str  # read but never scored (Alpaca: the template up to the response marker)
+    response: str  # the scored text
+    condition: str  # what a deployed model knows before answering: embedded to cluster and condition
+    label: str = ""  # domain of a synthetic record, for checking clusters
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.response
+
+
+# ---------------------------------------------------------------- WikiText-2
+def _wikitext_rows(lines: list[str]) -> list[Record]:
+    """Keep non-blank rows, as the hub's ``len(text.strip()) > 0`` filter does."""
+    return [Record("", line, line) for line in lines if line.strip()]
+
+
+def load_wikitext(data_dir: str | Path | None = None, seed: int = 0) -> dict[str, list[Record]]:
+    """WikiText-2 raw: from the hub, or from a folder holding ``wiki.{train,valid,test}.raw``.
+
+    A folder without ``wiki.train.raw`` is re-split, seeded: train = 90 % of the valid rows,
+    validation = the other 10 %, test = the test file. Nothing is shared between splits.
+    """
+    if data_dir is None:
+        from datasets import load_dataset
+
+        hub = load_dataset("wikitext", "wikitext-2-raw-v1")
+        return {split: _wikitext_rows(list(hub[split]["text"])) for split in ("train", "validation", "test")}
+    folder = _folder(data_dir)
+    read = lambda name: _wikitext_rows((folder / name).read_text(encoding="utf-8").splitlines(keepends=True))  # noqa: E731
+    for needed in ("wiki.valid.raw", "wiki.test.raw"):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(f"{folder} has no {needed} (expected wiki.{{train,valid,test}}.raw)")
+    if (folder / "wiki.train.raw").is_file():
+        return {"train": read("wiki.train.raw"), "validation": read("wiki.valid.raw"), "test": read("wiki.test.raw")}
+    train, validation = split_records(read("wiki.valid.raw"), 0.1, seed)
+    return {"train": train, "validation": validation, "test": read("wiki.test.raw")}
+
+
+# ---------------------------------------------------------------- Alpaca
+def alpaca_record(instruction: str, input: str, output: str) -> Record:
+    """The published template; the condition is the instruction (+ input), never the answer."""
+    instruction, input = instruction.strip(), input.strip()
+    if input:
+        prompt = f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n{RESPONSE_MARKER}"
+        condition = f"{instruction}\n{input}"
+    else:
+        prompt = f"### Instruction:\n{instruction}\n\n{RESPONSE_MARKER}"
+        condition = instruction
+    return Record(prompt, output.strip(), condition)
+
+
+def load_alpaca(
+    source: str | Path = ALPACA_HUB_IDS[0], seed: int = 0, validation_fraction: float = 0.1
+) -> dict[str, list[Record]]:
+    """Alpaca from a hub id or a local JSON list, split seeded into disjoint train / validation."""
+    if Path(source).expanduser().is_file():
+        rows = json.loads(Path(source).expanduser().read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{source} must hold a JSON list of {{instruction, input, output}} records")
+    elif str(source).endswith(".json"):
+        raise FileNotFoundError(f"Alpaca file {source} does not exist")
+    else:
+        from datasets import load_dataset
+
+        rows = list(load_dataset(str(source), split="train"))
+    missing = [i for i, row in enumerate(rows) if "instruction" not in row or "output" not in row]
+    if missing:
+        raise ValueError(f"Alpaca records need 'instruction' and 'output' fields; record {missing[0]} lacks one")
+    records = [alpaca_record(row["instruction"], row.get("input", ""), row["output"]) for row in rows]
+    train, validation = split_records(records, validation_fraction, seed)
+    return {"train": train, "validation": validation}
+
+
+# ---------------------------------------------------------------- synthetic corpus
+DOMAINS: dict[str, dict[str, list[str]]] = {
+    "cooking": {
+        "noun": ["oven", "dough", "sauce", "onion", "garlic", "butter", "skillet", "broth", "pastry", "basil"],
+        "verb": ["whisk", "simmer", "knead", "roast", "chop", "season", "bake", "stir", "braise", "fold"],
+        "adj": ["golden", "crispy", "tender", "savory", "fragrant", "creamy", "smoky", "tangy"],
+    },
+    "astronomy": {
+        "noun": ["galaxy", "nebula", "telescope", "comet", "orbit", "pulsar", "quasar", "asteroid", "planet", "star"],
+        "verb": ["observe", "detect", "measure", "track", "map", "survey", "image", "orbit", "model", "chart"],
+        "adj": ["distant", "luminous", "massive", "infrared", "spiral", "faint", "binary", "stellar"],
+    },
+    "finance": {
+        "noun": ["bond", "equity", "dividend", "portfolio", "ledger", "interest", "loan", "asset", "market", "budget"],
+        "verb": ["invest", "hedge", "audit", "borrow", "trade", "price", "allocate", "refinance", "insure", "tax"],
+        "adj": ["volatile", "liquid", "fiscal", "quarterly", "leveraged", "taxable", "annual", "secured"],
+    },
+    "football": {
+        "noun": ["striker", "goal", "midfield", "referee", "penalty", "stadium", "keeper", "match", "league", "corner"],
+        "verb": ["score", "tackle", "dribble", "pass", "defend", "shoot", "cross", "press", "head", "save"],
+        "adj": ["offside", "decisive", "rapid", "aerial", "unbeaten", "home", "late", "clinical"],
+    },
+    "programming": {
+        "noun": ["function", "compiler", "variable", "loop", "pointer", "module", "thread", "array", "server", "query"],
+        "verb": ["compile", "debug", "refactor", "deploy", "parse", "allocate", "iterate", "cache", "test", "import"],
+        "adj": ["recursive", "static", "async", "immutable", "generic", "nested", "typed", "concurrent"],
+    },
+    "medicine": {
+        "noun": ["patient", "vaccine", "symptom", "surgeon", "dose", "clinic", "tissue", "nerve", "fever", "therapy"],
+        "verb": ["diagnose", "treat", "prescribe", "monitor", "examine", "operate", "heal", "screen", "inject", "relieve"],
+        "adj": ["chronic", "acute", "clinical", "sterile", "cardiac", "viral", "benign", "renal"],
+    },
+}
+_SENTENCES = [
+    "The {adj} {noun} helps you {verb} the {noun2}.",
+    "First {verb} the {noun}, then {verb2} the {adj} {noun2}.",
+    "Every {noun} needs a {adj} {noun2} before you {verb} it.",
+    "Experts {verb} the {noun} when the {noun2} is {adj}.",
+    "A {adj} {noun} can {verb} a {adj2} {noun2}.",
+]
+_INSTRUCTIONS = [
+    "Explain how to {verb} the {noun}.",
+    "Describe a {adj} {noun} in two sentences.",
+    "Why would someone {verb} a {noun}?",
+    "Give advice about the {adj} {noun2}.",
+]
+
+
+def _sentence(rng: random.Random, words: dict[str, list[str]], template: str) -> str:
+    pick = {k: rng.choice(words[k.rstrip("2")]) for k in ("noun", "noun2", "verb", "verb2", "adj", "adj2")}
+    return template.format(**pick)
+
+
+def synthetic_records(n_per_domain: int = 200, seed: int = 0, instructions: bool = False) -> list[Record]:
+    """Short documents (or instruction/response pairs) from six clearly different domains."""
+    rng = random.Random(seed)
+    records = []
+    for domain, words in DOMAINS.items():
+        for _ in range(n_per_domain):
+            body = " ".join(_sentence(rng, words, rng.choice(_SENTENCES)) for _ in range(rng.randint(2, 5)))
+            if instructions:
+                record = alpaca_record(_sentence(rng, words, rng.choice(_INSTRUCTIONS)), "", body)
+                records.append(Record(record.prompt, record.response, record.condition, domain))
+            else:
+                records.append(Record("", body, body, domain))
+    rng.shuffle(records)
+    return records
+
+
+def synthetic_texts(n_per_domain: int = 200, seed: int = 0) -> list[str]:
+    return [r.text for r in synthetic_records(n_per_domain, seed)]
+
+
+def load_synthetic(n_per_domain: int = 200, seed: int = 0, instructions: bool = False) -> dict[str, list[Record]]:
+    records = synthetic_records(n_per_domain, seed, instructions)
+    train, rest = split_records(records, 0.2, seed)
+    validation, test = split_records(rest, 0.5, seed)
+    return {"train": train, "validation": validation, "test": test}
+
+
+# ---------------------------------------------------------------- splits
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Seeded disjoint split; exact duplicates are dropped first so no text sits on both sides."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
+    unique = list(dict.fromkeys(records))
+    order = list(range(len(unique)))
+    random.Random(seed).shuffle(order)
+    cut = round(len(unique) * fraction)
+    if cut == 0 or cut == len(unique):
+        raise ValueError(f"cannot split {len(unique)} records with fraction {fraction}")
+    held = set(order[:cut])
+    return [r for i, r in enumerate(unique) if i not in held], [r for i, r in enumerate(unique) if i in held]
+
+
+def load_dataset_splits(name: str, data_dir: str | Path | None = None, seed: int = 0) -> dict[str, list[Record]]:
+    """One entry point for the CLI: ``wikitext``, ``alpaca`` or ``synthetic``."""
+    if name == "wikitext":
+        return load_wikitext(data_dir, seed)
+    if name == "alpaca":
+        if data_dir is None:
+            return load_alpaca(seed=seed)
+        path = Path(data_dir).expanduser()
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            if not found:
+                raise FileNotFoundError(f"{path} holds no Alpaca .json file")
+            path = found[0]
+        return load_alpaca(path, seed=seed)
+    if name == "synthetic":
+        return load_synthetic(seed=seed)
+    raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+
+
+def _folder(path: str | Path) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data folder {folder} does not exist")
+    return folder

@@ -1,0 +1,124 @@
+"""The adaptation regimes compared in this project, behind one function: :func:`apply_regime`.
+
+- ``base``: the unadapted model.
+- ``lora-head``: static LoRA on the output head only (what the published "Traditional LoRA" trained).
+- ``lora``: static LoRA on the transformer projections and the head (what the paper describes).
+- ``chameleon``: static LoRA on the projections, hyper-LoRA on the head (ChameleonLLM).
+- ``lora-matched``: ``lora`` at the rank that gives about as many trainable parameters as ``chameleon``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .hyper_head import CONDITIONING_MODES, HyperLoRAHead, HyperNetwork
+from .lora import default_targets, features, inject_head_lora, inject_lora, output_head_name, set_module, target_modules
+
+REGIMES = ("base", "lora-head", "lora", "chameleon", "lora-matched")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Everything needed to rebuild a regime's adapters on a base model.
+
+    ``alpha`` defaults to the rank: scale ``alpha / r = 1``, the effective scale of the
+    published code (which used ``alpha = 1`` without dividing by ``r``).
+    """
+
+    regime: str = "chameleon"
+    rank: int = 4
+    alpha: float = 4.0
+    init: str = "peft"
+    targets: tuple[str, ...] = ()  # empty: the architecture's defaults
+    hyper_hidden: tuple[int, ...] = (64, 32)
+    hyper_dropout: float = 0.5
+    conditioning: str = "batch"
+    matched_rank: int = 0  # lora-matched only: the static rank chosen (0 until chosen)
+
+    def __post_init__(self):
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; choose from {REGIMES}")
+        if self.conditioning not in CONDITIONING_MODES:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}; choose from {CONDITIONING_MODES}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+    @property
+    def lora_rank(self) -> int:
+        """Rank of the static LoRA modules (differs from ``rank`` only for ``lora-matched``)."""
+        return self.matched_rank if self.regime == "lora-matched" else self.rank
+
+    @property
+    def lora_alpha(self) -> float:
+        """Alpha at :attr:`lora_rank` that keeps the scale ``alpha / rank``."""
+        return self.alpha * self.lora_rank / self.rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterConfig:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
+
+
+@dataclass
+class RegimeReport:
+    """What :func:`apply_regime` did: the resolved config and where the trainable parameters are."""
+
+    config: AdapterConfig
+    layer_modules: list[str] = field(default_factory=list)
+    head_module: str | None = None
+
+
+def choose_matched_rank(model: nn.Module, config: AdapterConfig) -> int:
+    """The static-LoRA rank (layers + head) whose parameter count is closest to ``chameleon``'s."""
+    targets = config.targets or default_targets(model)
+    per_rank_layers = sum(sum(features(m)) for m in target_modules(model, targets).values())
+    head_in, head_out = features(model.get_output_embeddings())
+    cond_dim = model.get_input_embeddings().embedding_dim
+    hyper = HyperNetwork(cond_dim, head_in, head_out, config.rank, config.hyper_hidden, config.hyper_dropout).to("meta")
+    chameleon = config.rank * per_rank_layers + sum(p.numel() for p in hyper.parameters())
+    return max(1, round(chameleon / (per_rank_layers + head_in + head_out)))
+
+
+def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
+    """Freeze ``model`` and add the regime's adapters in place.
+
+    For ``lora-matched`` the returned config carries the matched rank, so a bundle can rebuild it.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.regime == "base":
+        return RegimeReport(config)
+    config = replace(config, targets=tuple(config.targets or default_targets(model)))
+    if config.regime == "lora-matched" and not config.matched_rank:
+        config = replace(config, matched_rank=choose_matched_rank(model, config))
+    report = RegimeReport(config)
+    r, alpha = config.lora_rank, config.lora_alpha
+    if config.regime != "lora-head":
+        report.layer_modules = inject_lora(model, config.targets, r, alpha, config.init)
+    if config.regime == "chameleon":
+        name = output_head_name(model)
+        head = HyperLoRAHead(
+            model.get_submodule(name), model.get_input_embeddings().embedding_dim, config.rank, config.alpha,
+            config.hyper_hidden, config.hyper_dropout,
+        )
+        set_module(model, name, head)
+        report.head_module = name
+    else:
+        report.head_module = inject_head_lora(model, r, alpha, config.init)
+    model.train(model.training)  # new modules join the model's train/eval mode (hyper dropout!)
+    return report
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors only: what a bundle stores."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
