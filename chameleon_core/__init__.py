@@ -12,7 +12,7 @@ One concept per module:
 - :mod:`.bundle` — save, load and export trained adapters.
 """
 
-from .bundle import Bundle, BundleError, export_peft, load_bundle, save_bundle
+from .bundle import Bundle, BundleError, Points, export_peft, load_bundle, save_bundle
 from .clustering import ClusterBatchSampler, Clusters, RandomBatchSampler, default_k, fit_clusters
 from .data import Record, load_alpaca, load_dataset_splits, load_synthetic, load_wikitext
 from .embeddings import embed_texts, mean_embedding
@@ -22,7 +22,7 @@ from .models import load_model, load_tokenizer, model_fingerprint
 from .regimes import REGIMES, AdapterConfig, apply_regime, trainable_parameters
 
 __all__ = [
-    "REGIMES", "AdapterConfig", "Bundle", "BundleError", "ClusterBatchSampler", "Clusters", "HyperLoRAHead",
+    "REGIMES", "AdapterConfig", "Bundle", "BundleError", "Points", "ClusterBatchSampler", "Clusters", "HyperLoRAHead",
     "HyperNetwork", "LoRALayer", "RandomBatchSampler", "Record", "apply_regime", "condition_groups", "conditioned",
     "default_k", "embed_texts", "export_peft", "fit_clusters", "hyper_head", "inject_head_lora", "inject_lora",
     "load_alpaca", "load_bundle", "load_dataset_splits", "load_model", "load_synthetic", "load_tokenizer",

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .clustering import Clusters
 from .lora import lora_layers
-from .models import load_model, model_fingerprint, prepare_tokenizer
+from .models import load_model, load_tokenizer, model_fingerprint
 from .regimes import AdapterConfig, adapter_state, apply_regime
 
 FORMAT, VERSION = "chameleon-bundle", 1
@@ -29,6 +29,15 @@ class BundleError(ValueError):
 
 
 @dataclass
+class Points:
+    """A sample of training inputs (embedding, cluster, text) so a demo can draw the clusters."""
+
+    embeddings: torch.Tensor  # (n, d)
+    labels: torch.Tensor  # (n,) cluster ids
+    texts: list[str]
+
+
+@dataclass
 class Bundle:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -36,6 +45,7 @@ class Bundle:
     base_model: str
     clusters: Clusters | None = None
     metadata: dict = field(default_factory=dict)
+    points: Points | None = None
 
 
 def save_bundle(
@@ -46,6 +56,7 @@ def save_bundle(
     clusters: Clusters | None = None,
     metadata: dict | None = None,
     base_model: str | None = None,
+    points: Points | None = None,
 ) -> Path:
     """Write a bundle; files are written to temporary names first so a crash leaves no half bundle."""
     path = Path(path)
@@ -62,6 +73,9 @@ def save_bundle(
     _atomic(path / "adapter.safetensors", lambda p: save_file(tensors, p))
     if clusters is not None:
         _atomic(path / "clusters.safetensors", lambda p: save_file({"centroids": clusters.centroids.contiguous()}, p))
+    if points is not None:
+        _atomic(path / "points.safetensors", lambda p: save_file({"embeddings": points.embeddings.float().contiguous(), "labels": points.labels.long().contiguous()}, p))
+        _atomic(path / "points.json", lambda p: p.write_text(json.dumps(points.texts)))
     tokenizer.save_pretrained(path / "tokenizer")
     _atomic(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     return path
@@ -108,12 +122,10 @@ def load_bundle(path: str | Path, model: PreTrainedModel | None = None, device: 
             f"bundle {path} was trained on base model {config['base_model']!r} (fingerprint "
             f"{config['base_fingerprint']}), but the model given is {model.name_or_path!r} (fingerprint {found})"
         )
+    # A bundle may leave its tokenizer out when the base model carries it (a shared bundle then
+    # redistributes nothing of the base model's files).
     tokenizer_dir = path / "tokenizer"
-    if not tokenizer_dir.is_dir():
-        raise BundleError(f"bundle {path} is missing its tokenizer/ folder")
-    from transformers import AutoTokenizer
-
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir))
+    tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else config["base_model"])
     apply_regime(model, adapter)
     expected = adapter_state(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -129,7 +141,15 @@ def load_bundle(path: str | Path, model: PreTrainedModel | None = None, device: 
     clusters = None
     if (path / "clusters.safetensors").exists():
         clusters = Clusters(_load_tensors(path / "clusters.safetensors")["centroids"])
-    return Bundle(model.eval(), tokenizer, adapter, config["base_model"], clusters, config.get("metadata", {}))
+    points = None
+    if (path / "points.safetensors").exists():
+        tensors = _load_tensors(path / "points.safetensors")
+        try:
+            texts = json.loads((path / "points.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise BundleError(f"points.json in bundle {path} is missing or corrupt: {err}") from None
+        points = Points(tensors["embeddings"], tensors["labels"], texts)
+    return Bundle(model.eval(), tokenizer, adapter, config["base_model"], clusters, config.get("metadata", {}), points)
 
 
 def export_peft(path: str | Path, model: PreTrainedModel, adapter: AdapterConfig, base_model: str | None = None) -> Path:

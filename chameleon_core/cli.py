@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 
 from .models import load_model
 from .regimes import REGIMES, AdapterConfig, apply_regime, trainable_parameters
@@ -43,14 +44,20 @@ def register(commands: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m chameleon_core", description="ChameleonLLM commands")
     commands = parser.add_subparsers(dest="command", required=True)
-    for register_command in (register,):
+    from . import bench, inference, reproduce, train
+
+    for register_command in (register, train.register, reproduce.register, inference.register, bench.register):
         register_command(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = args.run(args)
+    try:
+        result = args.run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result is not None:
         print(json.dumps(result, indent=2))
     return 0

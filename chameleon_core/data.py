@@ -150,7 +150,7 @@ def synthetic_records(n_per_domain: int = 200, seed: int = 0, instructions: bool
     records = []
     for domain, words in DOMAINS.items():
         for _ in range(n_per_domain):
-            body = " ".join(_sentence(rng, words, rng.choice(_SENTENCES)) for _ in range(rng.randint(2, 5)))
+            body = " ".join(_sentence(rng, words, rng.choice(_SENTENCES)) for _ in range(rng.randint(4, 8)))
             if instructions:
                 record = alpaca_record(_sentence(rng, words, rng.choice(_INSTRUCTIONS)), "", body)
                 records.append(Record(record.prompt, record.response, record.condition, domain))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -24,13 +25,28 @@ from .models import model_fingerprint
 def mean_embedding(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(N, T) token ids -> (N, d) unit vectors; positions with ``attention_mask == 0`` are ignored."""
-    tokens = model.get_input_embeddings()(input_ids).float()
-    if attention_mask is None:
-        return F.normalize(tokens.mean(1), dim=-1)
-    mask = attention_mask.to(tokens.dtype).unsqueeze(-1)
-    summed = (tokens * mask).sum(1)
-    return F.normalize(summed / mask.sum(1).clamp(min=1.0), dim=-1)
+    """(N, T) token ids -> (N, d) unit vectors; positions with ``attention_mask == 0`` are ignored.
+
+    A plain float32 ``nn.Embedding`` on CPU or CUDA sums its rows with ``embedding_bag`` rather than
+    building the (N, T, d) token tensor: the same sums, without the memory traffic that made
+    embedding WikiText-2's training lines take tens of seconds on a CPU.
+    """
+    embedding = model.get_input_embeddings()
+    weights = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).float()
+    if _sums_in_place(embedding):
+        summed = F.embedding_bag(input_ids, embedding.weight, mode="sum", per_sample_weights=weights)
+    else:
+        summed = (embedding(input_ids).float() * weights.unsqueeze(-1)).sum(1)
+    return F.normalize(summed / weights.sum(1, keepdim=True).clamp(min=1.0), dim=-1)
+
+
+def _sums_in_place(embedding: nn.Module) -> bool:
+    """Whether ``embedding_bag`` computes what the module would: a plain float32 table (MPS lacks the op)."""
+    weight = getattr(embedding, "weight", None)
+    return (
+        type(embedding) is nn.Embedding and embedding.max_norm is None
+        and weight.dtype == torch.float32 and weight.device.type in ("cpu", "cuda")
+    )
 
 
 def default_cache_dir() -> Path:

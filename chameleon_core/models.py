@@ -45,7 +45,8 @@ def _tiny_tokenizer_json(vocab_size: int) -> str:
     from .data import synthetic_texts
 
     tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(synthetic_texts(), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    tokenizer.train_from_iterator(synthetic_texts(), vocab_size=vocab_size - 1, min_frequency=2, show_progress=False)
+    tokenizer.add_special_tokens([EOS])  # last id, as in GPT-2 (id 0 is an ordinary token)
     return tokenizer._tokenizer.to_str()
 
 

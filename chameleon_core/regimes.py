@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from .hyper_head import CONDITIONING_MODES, HyperLoRAHead, HyperNetwork
-from .lora import default_targets, features, inject_head_lora, inject_lora, output_head_name, set_module, target_modules
+from .lora import (
+    LoRALayer, default_targets, features, inject_head_lora, inject_lora, output_head_name, set_module, target_modules,
+)
 
 REGIMES = ("base", "lora-head", "lora", "chameleon", "lora-matched")
 
@@ -90,11 +92,14 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
 
     For ``lora-matched`` the returned config carries the matched rank, so a bundle can rebuild it.
     """
+    if any(isinstance(m, (LoRALayer, HyperLoRAHead)) for m in model.modules()):
+        raise ValueError("the model already carries adapters; apply a regime to a fresh base model")
     for p in model.parameters():
         p.requires_grad_(False)
     if config.regime == "base":
         return RegimeReport(config)
-    config = replace(config, targets=tuple(config.targets or default_targets(model)))
+    if config.regime != "lora-head":  # the head alone needs no layer targets
+        config = replace(config, targets=tuple(config.targets or default_targets(model)))
     if config.regime == "lora-matched" and not config.matched_rank:
         config = replace(config, matched_rank=choose_matched_rank(model, config))
     report = RegimeReport(config)

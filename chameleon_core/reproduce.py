@@ -1,0 +1,230 @@
+"""``reproduce``: every regime and ablation under both protocols, side by side, in one command.
+
+Writes ``results.json``, ``results.md`` (the paper-style tables) and plotly learning curves.
+Each run lives in ``runs/<protocol>/<row>/seed<N>/`` and is skipped when already complete, so
+an interrupted ``reproduce`` picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .train import TrainConfig, finished_run, train
+
+HEADLINE = {
+    "base": {"regime": "base"},
+    "lora-head": {"regime": "lora-head"},
+    "lora": {"regime": "lora"},
+    "chameleon": {"regime": "chameleon"},
+}
+ABLATIONS = {
+    "lora-matched": {"regime": "lora-matched"},
+    "chameleon, random batches": {"regime": "chameleon", "sampler": "random"},
+    "chameleon, per-example conditioning": {"regime": "chameleon", "conditioning": "example"},
+    "chameleon, centroid conditioning": {"regime": "chameleon", "conditioning": "centroid"},
+}
+SHUFFLED = "chameleon, shuffled conditioning (eval only)"
+DESCRIPTIONS = {
+    "base": "the unadapted model",
+    "lora-head": "static LoRA on the head only (the published \"Traditional LoRA\")",
+    "lora": "static LoRA on every transformer projection and the head (the paper's description)",
+    "lora-matched": "static LoRA on projections and head at the rank that matches chameleon's parameter count",
+    "chameleon": "static LoRA on projections + hyper-LoRA head conditioned on the batch mean (ChameleonLLM)",
+    "chameleon, random batches": "chameleon trained and evaluated on random (not cluster-homogeneous) batches",
+    "chameleon, per-example conditioning": "chameleon with one generated adapter per row",
+    "chameleon, centroid conditioning": "chameleon conditioned on each row's training-cluster centroid",
+    SHUFFLED: "the trained chameleon evaluated with another cluster's centroid as condition",
+}
+PROFILES = {
+    "tiny": {"model": "random:tiny-gpt2", "dataset": "synthetic", "epochs": 2, "max_length": 128, "max_train_rows": 600},
+    "paper": {"model": "gpt2", "dataset": "wikitext", "epochs": 10, "batch_size": 32, "lr": 5e-4, "rank": 4},
+}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def planned_rows(seeds: list[int], ablation_seeds: list[int], k_sweep: list[int]) -> dict[str, tuple[dict, list[int]]]:
+    rows = {name: (overrides, [0] if name == "base" else seeds) for name, overrides in HEADLINE.items()}
+    rows.update({name: (overrides, ablation_seeds) for name, overrides in ABLATIONS.items()})
+    rows.update({f"chameleon, k={k}": ({"regime": "chameleon", "k": k}, ablation_seeds) for k in k_sweep})
+    return rows
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def reproduce(
+    base: TrainConfig, out: str | Path, protocols: tuple[str, ...] = ("paper", "causal"), seeds: list[int] = (0,),
+    ablation_seeds: list[int] = (0,), k_sweep: list[int] = (), show_progress: bool = True, collect_only: bool = False,
+) -> dict:
+    """Run (or, with ``collect_only``, only gather the finished runs of) the whole grid.
+
+    Rows are reported with the seeds that finished; a row with none is listed as not run.
+    """
+    out = Path(out)
+    results = {"setup": {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")}, "protocols": {}}
+    for protocol in protocols:
+        table, curves, not_run = {}, {}, []
+        for name, (overrides, row_seeds) in planned_rows(list(seeds), list(ablation_seeds), list(k_sweep)).items():
+            runs = []
+            for seed in row_seeds:
+                config = replace(base, protocol=protocol, seed=seed, **overrides)
+                folder = out / "runs" / protocol / _slug(name) / f"seed{seed}"
+                if collect_only:
+                    runs += [done] if (done := finished_run(folder, config)) else []
+                    continue
+                if show_progress:
+                    print(f"[{protocol}] {name} seed {seed}", flush=True)
+                runs.append(train(config, folder, resume=True, show_progress=show_progress))
+            if not runs:
+                not_run.append(name)
+                continue
+            table[name] = _row(runs)
+            curves[name] = runs[0]["history"]
+            if name == "chameleon":
+                table[SHUFFLED] = _row(runs, "eval_shuffled_condition")
+        if not table:
+            continue
+        first = finished_run(out / "runs" / protocol / "base" / "seed0", replace(base, protocol=protocol, seed=0, regime="base")) or runs[0]
+        results["protocols"][protocol] = {
+            "eval_split": first["eval_split"], "rows": first["rows"], "dropped_rows": first["dropped_rows"],
+            "k": first["k"], "padding_share": first["padding_share"], "table": table, "curves": curves, "not_run": not_run,
+        }
+        _plot_curves(curves, protocol, out / f"curves-{protocol}.html")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(results_markdown(results))
+    return results
+
+
+def _row(runs: list[dict], eval_key: str = "eval") -> dict:
+    return {
+        "trainable_parameters": runs[0]["trainable_parameters"],
+        "total_parameters": runs[0]["total_parameters"],
+        "train_loss": _stats([r["train_loss"] for r in runs]),
+        "val_loss": _stats([r[eval_key]["loss"] for r in runs]),
+        "val_ppl": _stats([r[eval_key]["ppl"] for r in runs]),
+        "seeds": [r["config"]["seed"] for r in runs],
+    }
+
+
+def _fmt(stat: dict, digits: int = 4) -> str:
+    text = f"{stat['mean']:,.{digits}f}"
+    return text + (f" ± {stat['std']:,.{digits}f}" if stat["n"] > 1 else "")
+
+
+def results_markdown(results: dict) -> str:
+    """The paper-style tables, one per protocol, with the facts needed to read them."""
+    setup = results["setup"]
+    lines = [
+        f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {setup['epochs']} epochs, batch {setup['batch_size']}, "
+        f"rank {setup['rank']}, lr {setup['lr']}. Mean ± std over seeds where n > 1.",
+        "",
+    ]
+    titles = {"paper": "Published protocol (`paper`): last position, no shift, padding scored",
+              "causal": "Correct protocol (`causal`): next-token loss, padding masked, no target leakage"}
+    for protocol, block in results["protocols"].items():
+        lines += [f"### {titles.get(protocol, protocol)}", ""]
+        facts = f"Evaluated on the `{block['eval_split']}` split ({block['rows'][block['eval_split']]:,} rows); {block['k']} training clusters."
+        if block["padding_share"]:
+            share = block["padding_share"][block["eval_split"]]
+            facts += f" **{share:.1%} of the scored targets are padding** (EOS predicted from EOS)."
+        if any(block["dropped_rows"].values()):
+            facts += " Rows too short to score were dropped: " + ", ".join(f"{k} {v:,}" for k, v in block["dropped_rows"].items()) + "."
+        lines += [facts, "", "| Regime | Trainable params | Train loss | Val loss | Val ppl | Seeds |", "|---|---:|---:|---:|---:|---:|"]
+        for name, row in block["table"].items():
+            ppl_digits = 2 if row["val_ppl"]["mean"] < 1e5 else 0
+            lines.append(
+                f"| {name} | {row['trainable_parameters']:,} | {_fmt(row['train_loss'])} | {_fmt(row['val_loss'])} | "
+                f"{_fmt(row['val_ppl'], ppl_digits)} | {len(row['seeds'])} |"
+            )
+        if block.get("not_run"):
+            lines.append("Not run (no finished seed): " + "; ".join(block["not_run"]) + ".")
+        lines.append("")
+    lines += ["Rows:", ""] + [f"- **{name}**: {text}" for name, text in DESCRIPTIONS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_curves(curves: dict[str, list[dict]], protocol: str, path: Path) -> None:
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss per step", "validation loss per epoch"))
+    for i, (name, history) in enumerate(curves.items()):
+        steps = [loss for epoch in history for loss in epoch.get("step_losses", [])]
+        color = f"hsl({(i * 47) % 360},65%,45%)"
+        if steps:
+            fig.add_trace(go.Scatter(y=steps, name=name, legendgroup=name, line={"color": color}), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(x=[h["epoch"] for h in history], y=[h["val_loss"] for h in history], name=name, legendgroup=name,
+                       showlegend=not steps, mode="lines+markers", line={"color": color}),
+            row=1, col=2,
+        )
+    fig.update_layout(title=f"Learning curves, {protocol} protocol (seed of the first run)", height=480)
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _reproduce_command(args) -> dict:
+    from .train import config_from_args
+
+    profile = dict(PROFILES[args.profile]) if args.profile else {}
+    if args.profile == "paper" and (args.dataset or "wikitext") == "alpaca":
+        profile["max_length"] = 512
+    explicit = {k: v for k, v in vars(args).items() if v is not None}
+    config = config_from_args(argparse.Namespace(**{**profile, **explicit}))
+    results = reproduce(config, args.out, tuple(args.protocols.split(",")), _ints(args.seeds), _ints(args.ablation_seeds),
+                        _ints(args.k_sweep), collect_only=args.collect_only)
+    print(results_markdown(results))
+    return None
+
+
+def write_readme_results(readme: Path, result_dirs: list[Path]) -> None:
+    """Replace the README block between the results markers with the committed ``results.md`` files."""
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} block")
+    blocks = []
+    for folder in result_dirs:
+        setup = json.loads((folder / "results.json").read_text())["setup"]
+        title = f"#### {setup['dataset']} — `{Path(setup['model']).name}` (`{folder.name}/results.md`)\n\n"
+        blocks.append(title + (folder / "results.md").read_text().replace("### ", "##### "))
+    generated = f"{start}\n<!-- generated by `python -m chameleon_core report`; do not edit by hand -->\n\n" + "\n".join(blocks) + end
+    readme.write_text(text[: text.index(start)] + generated + text[text.index(end) + len(end) :])
+
+
+def _report_command(args) -> None:
+    write_readme_results(Path(args.readme), [Path(d) for d in args.results])
+
+
+def register(commands) -> None:
+    from .train import add_train_arguments
+
+    p = commands.add_parser("reproduce", help="every regime and ablation under both protocols; writes the results table")
+    add_train_arguments(p, defaults=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("--profile", choices=tuple(PROFILES), default=None,
+                   help="tiny: random tiny GPT-2 + synthetic corpus (minutes on a CPU); paper: gpt2 + hub data + published hyper-parameters")
+    p.add_argument("--protocols", default="paper,causal")
+    p.add_argument("--seeds", default="0", help="seeds of the headline rows, e.g. 0,1,2")
+    p.add_argument("--ablation-seeds", dest="ablation_seeds", default="0")
+    p.add_argument("--k-sweep", dest="k_sweep", default="", help="extra chameleon rows with these cluster counts, e.g. 8,32")
+    p.add_argument("--collect-only", dest="collect_only", action="store_true",
+                   help="train nothing: tabulate the runs already finished in --out (rows show how many seeds finished)")
+    p.set_defaults(run=_reproduce_command)
+
+    p = commands.add_parser("report", help="write the committed results tables into README.md")
+    p.add_argument("results", nargs="+", help="folders holding results.md")
+    p.add_argument("--readme", default="README.md")
+    p.set_defaults(run=_report_command)

@@ -1,0 +1,57 @@
+"""The demo in a real headless Chromium: type prompts, compare, see the map and three generations."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_app import SIX_DOMAINS, served  # noqa: E402, F401  (the in-process server fixture)
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run", "--disable-sync", "--disable-quic"]
+MARKUP = "<b>bold</b> & <i>italic</i>"
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(served[1])
+        yield page
+        browser.close()
+
+
+def test_compare_in_the_browser(page, tmp_path):
+    expect(page.locator("#status")).to_contain_text("Ready.", timeout=30_000)
+    prompts = SIX_DOMAINS[:4] + [MARKUP]
+    page.locator("#prompts textarea").fill("\n".join(prompts))
+    page.locator("#compare").click()
+
+    expect(page.locator("#cluster-map .js-plotly-plot")).to_be_visible(timeout=60_000)
+    expect(page.locator("#cluster-map .scatterlayer .trace").last.locator(".textpoint")).to_have_count(len(prompts))
+    table = page.locator("#generations [role=grid]")
+    expect(table.locator("[role=row][data-index]")).to_have_count(len(prompts), timeout=60_000)
+    headers = [h.strip() for h in table.locator("[role=columnheader]").all_inner_texts()]
+    assert headers == ["#", "Prompt", "Base", "Static LoRA", "ChameleonLLM"]
+    for column in (2, 3, 4):  # every model wrote something for every prompt
+        expect(table.locator(f"[data-testid=cell-0-{column}]")).not_to_be_empty()
+
+    markup_cell = table.locator(f"[data-testid=cell-{len(prompts) - 1}-1]")
+    expect(markup_cell).to_have_text(MARKUP)  # shown literally ...
+    assert page.locator("#generations b, #generations i, #assignments b").count() == 0  # ... never rendered
+    expect(page.locator("#assignments [role=row][data-index]")).to_have_count(len(prompts))
+    assert page.locator("#adapters [role=row][data-index]").count() >= 1
+
+    shot = tmp_path / "demo.png"
+    page.screenshot(path=shot, full_page=True)
+    assert shot.stat().st_size > 20_000

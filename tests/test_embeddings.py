@@ -1,0 +1,75 @@
+"""The normalised mean token embedding: padding-invariant, unit-norm, batched like the model, cached."""
+
+import torch
+
+from chameleon_core import embed_texts, mean_embedding
+from chameleon_core import embeddings as embeddings_module
+
+
+def test_masked_mean_is_the_mean_of_the_real_tokens(tiny, batch):
+    model, _ = tiny
+    found = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
+    table = model.get_input_embeddings().weight
+    for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"])):
+        expected = torch.nn.functional.normalize(table[ids[mask.bool()]].mean(0), dim=0)
+        torch.testing.assert_close(found[row], expected)
+
+
+def test_padding_does_not_change_an_embedding(tiny, texts):
+    model, tokenizer = tiny
+    short, long = texts[3], texts[2]
+    padded = tokenizer([short, long], return_tensors="pt", padding=True)
+    assert (padded["attention_mask"][0] == 0).sum() > 5  # the short text really is padded
+    alone = embed_texts(model, tokenizer, [short])[0]
+    assert (embed_texts(model, tokenizer, [short, long])[0] - alone).abs().max() <= 1e-6
+    assert (mean_embedding(model, padded["input_ids"], padded["attention_mask"])[0] - alone).abs().max() <= 1e-6
+
+
+def test_embeddings_have_unit_norm(tiny, texts):
+    model, tokenizer = tiny
+    for settings in ({}, {"mask_padding": False, "pad_to_max_length": True, "max_length": 32}):
+        found = embed_texts(model, tokenizer, texts, **settings)
+        assert found.shape == (len(texts), model.config.hidden_size)
+        torch.testing.assert_close(found.norm(dim=-1), torch.ones(len(texts)))
+
+
+def test_the_published_variant_averages_padding_too(tiny, texts):
+    model, tokenizer = tiny
+    masked = embed_texts(model, tokenizer, texts)
+    paper = embed_texts(model, tokenizer, texts, max_length=32, mask_padding=False, pad_to_max_length=True)
+    assert ((paper - masked).norm(dim=-1) > 1e-2).all()
+
+
+def test_embed_texts_equals_mean_embedding_on_the_same_batch(tiny, batch, texts):
+    model, tokenizer = tiny
+    expected = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(embed_texts(model, tokenizer, texts), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(embed_texts(model, tokenizer, texts, batch_size=3), expected, rtol=0, atol=1e-6)
+    assert embed_texts(model, tokenizer, []).shape == (0, model.config.hidden_size)
+
+
+def test_cache_returns_the_same_tensor_without_recomputing(tiny_gpt2, texts, tmp_path, monkeypatch):
+    model, tokenizer = tiny_gpt2
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return mean_embedding(*args, **kwargs)
+
+    def embed(texts=texts, **settings) -> torch.Tensor:
+        return embed_texts(model, tokenizer, texts, cache_dir=tmp_path, **settings)
+
+    monkeypatch.setattr(embeddings_module, "mean_embedding", counting)
+    first = embed()
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert torch.equal(embed(), first) and len(calls) == 1
+    embed(max_length=4), embed(mask_padding=False), embed(texts[:3])  # other settings or texts: new entries
+    assert len(calls) == 4 and len(list(tmp_path.glob("*.safetensors"))) == 4
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(0.1 * torch.randn_like(model.get_input_embeddings().weight))
+    assert not torch.equal(embed(), first) and len(calls) == 5  # other weights: never a stale read
+
+
+def test_an_all_padding_row_does_not_divide_by_zero(tiny_gpt2):
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    assert torch.isfinite(mean_embedding(tiny_gpt2[0], ids, torch.zeros_like(ids))).all()

@@ -1,0 +1,172 @@
+"""Hyper-LoRA head: published parameter counts, per-row adapters in one pass, training, generation."""
+
+import pytest
+import torch
+
+from chameleon_core import (
+    AdapterConfig, HyperLoRAHead, apply_regime, condition_groups, conditioned, hyper_head, mean_embedding,
+    trainable_parameters,
+)
+
+CLUSTERS = torch.tensor([3, 1, 3, 0])  # rows 0 and 2 share a cluster; ids need not be 0..G-1
+
+
+@pytest.fixture
+def chameleon(tiny, batch, randomize_lora):
+    """A chameleon model whose generated head update is large enough to tell adapters apart."""
+    model, _ = tiny
+    apply_regime(model, AdapterConfig("chameleon", rank=4))
+    randomize_lora(model)
+    with torch.no_grad():
+        hyper_head(model).hyper.net[-1].weight.normal_(std=0.2)
+    embeddings = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
+    return model, embeddings
+
+
+def rows(batch, index: list[int]) -> dict[str, torch.Tensor]:
+    """A sub-batch, trimmed to its own longest row (as it would be padded on its own)."""
+    length = int(batch["attention_mask"][index].sum(1).max())
+    return {key: value[index, :length] for key, value in batch.items()}
+
+
+@pytest.mark.parametrize(
+    "regime, head_count",
+    [
+        ("chameleon", (768 * 64 + 64) + (64 * 32 + 32) + (32 + 1) * 4 * (768 + 50_257)),  # d -> 64 -> 32 -> r (d + V)
+        ("lora-head", 4 * (768 + 50_257)),  # A: r x d, B: V x r
+    ],
+)
+def test_gpt2_small_head_parameter_counts(gpt2_small, regime, head_count):
+    report = apply_regime(gpt2_small, AdapterConfig(regime, rank=4))
+    head = gpt2_small.get_submodule(report.head_module)
+    assert isinstance(head, HyperLoRAHead) == (regime == "chameleon")
+    assert trainable_parameters(head) == head_count == {"chameleon": 6_786_596, "lora-head": 204_100}[regime]
+
+
+@pytest.mark.parametrize("mode", ["cluster", "example"])
+def test_mixed_batch_in_one_pass_equals_each_group_on_its_own(chameleon, batch, logits, mode):
+    model, embeddings = chameleon
+    with conditioned(model, embeddings, mode, cluster_ids=CLUSTERS):
+        mixed = logits(model, batch)
+    with conditioned(model, embeddings, "batch"):
+        assert (logits(model, batch) - mixed).abs().max() > 1e-2  # per-group adapters really differ
+    groups = [[0, 2], [1], [3]] if mode == "cluster" else [[0], [1], [2], [3]]
+    for index in groups:
+        alone = rows(batch, index)
+        with conditioned(model, embeddings[index], "batch"):
+            separate = logits(model, alone)
+        real = alone["attention_mask"].bool()
+        assert (mixed[index, : real.shape[1]][real] - separate[real]).abs().max() <= 1e-5
+
+
+def test_cluster_mode_on_one_cluster_is_batch_mode(chameleon, batch, logits):
+    model, embeddings = chameleon
+    with conditioned(model, embeddings, "batch"):
+        expected = logits(model, batch)
+    with conditioned(model, embeddings, "cluster", cluster_ids=torch.full((4,), 7)):
+        assert (logits(model, batch) - expected).abs().max() <= 1e-5
+
+
+def test_centroids_condition_each_cluster(chameleon, batch, logits):
+    model, embeddings = chameleon
+    centroids = torch.nn.functional.normalize(torch.randn(5, embeddings.shape[1]), dim=-1)
+    cond, groups = condition_groups(embeddings, "cluster", CLUSTERS, centroids)
+    assert torch.equal(cond, centroids[[0, 1, 3]]) and groups.tolist() == [2, 1, 2, 0]
+    with conditioned(model, embeddings, "cluster", cluster_ids=CLUSTERS, centroids=centroids):
+        mixed = logits(model, batch)
+    for index, cluster in (([0, 2], 3), ([1], 1), ([3], 0)):
+        alone = rows(batch, index)
+        with conditioned(model, centroids[cluster : cluster + 1], "batch"):
+            separate = logits(model, alone)
+        real = alone["attention_mask"].bool()
+        assert (mixed[index, : real.shape[1]][real] - separate[real]).abs().max() <= 1e-5
+
+
+def test_condition_groups_rejects_bad_modes():
+    embeddings = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="unknown conditioning mode 'dataset'"):
+        condition_groups(embeddings, "dataset")
+    with pytest.raises(ValueError, match="needs the rows' cluster ids"):
+        condition_groups(embeddings, "cluster")
+
+
+def test_forward_without_conditioning_raises(chameleon, batch, logits):
+    model, embeddings = chameleon
+    with pytest.raises(RuntimeError, match=r"no conditioning.*with conditioned\(model, embeddings"):
+        logits(model, batch)
+    with conditioned(model, embeddings):
+        logits(model, batch)
+    with pytest.raises(RuntimeError, match="no conditioning"):  # cleared on leaving the context
+        logits(model, batch)
+
+
+def test_conditioned_is_a_no_op_without_a_hyper_head(tiny, batch, logits, randomize_lora):
+    model, _ = tiny
+    apply_regime(model, AdapterConfig("lora"))
+    randomize_lora(model)
+    expected = logits(model, batch)
+    with conditioned(model, torch.randn(4, model.config.hidden_size), "example"):
+        assert torch.equal(logits(model, batch), expected)
+
+
+def test_training_step_changes_only_the_adapters(chameleon, batch):
+    model, embeddings = chameleon
+    model.train()
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    hyper = {name: p.detach().clone() for name, p in hyper_head(model).hyper.named_parameters()}
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with conditioned(model, embeddings, "cluster", cluster_ids=CLUSTERS):
+        model(**batch, labels=labels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in hyper_head(model).hyper.parameters())
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
+    assert all(not torch.equal(p, hyper[name]) for name, p in hyper_head(model).hyper.named_parameters())
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_generate_inside_conditioned_expands_rows(chameleon, tiny, texts):
+    """Each prompt, generated in a mixed batch with two beams and two returned sequences, gets
+    exactly what it gets when generated alone: the adapter follows its row through expansion."""
+    model, tokenizer = chameleon[0], tiny[1]
+    prompts = torch.tensor([ids[:6] for ids in tokenizer(texts[:2])["input_ids"]])  # equal lengths: no padding
+    embeddings = mean_embedding(model, prompts)
+    pad = tokenizer.pad_token_id
+    settings = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=pad)
+    with conditioned(model, embeddings, "example"):
+        together = model.generate(prompts, **settings)
+    assert together.shape == (4, 10)
+    for i in range(2):
+        with conditioned(model, embeddings[i : i + 1], "batch"):
+            assert torch.equal(together[2 * i : 2 * i + 2], model.generate(prompts[i : i + 1], **settings))
+    with conditioned(model, embeddings, "batch"):
+        sampled = model.generate(prompts, max_new_tokens=3, do_sample=True, num_return_sequences=3, pad_token_id=pad)
+    assert sampled.shape == (6, 9)
+    with pytest.raises(RuntimeError, match="no conditioning"):
+        model.generate(prompts, max_new_tokens=1)
+
+
+def test_expanded_rows_must_divide_evenly(chameleon, batch):
+    model, embeddings = chameleon
+    with conditioned(model, embeddings[:3], "example"), pytest.raises(ValueError, match="4 rows cannot share"):
+        model(**batch)
+
+
+def test_apply_regime_keeps_eval_mode(tiny, batch, logits):
+    model, _ = tiny
+    assert not model.training
+    apply_regime(model, AdapterConfig("chameleon", hyper_dropout=0.5))
+    assert not hyper_head(model).hyper.training
+    embeddings = torch.randn(4, model.config.hidden_size)
+
+    def generate_and_run() -> torch.Tensor:  # the adapter (and its dropout) is drawn on entering
+        with conditioned(model, embeddings):
+            return logits(model, batch)
+
+    assert torch.equal(generate_and_run(), generate_and_run())
+    model.train()
+    assert hyper_head(model).hyper.training
+    with torch.no_grad():
+        cond = embeddings.mean(0, keepdim=True)
+        assert not torch.equal(hyper_head(model).hyper(cond)[1], hyper_head(model).hyper(cond)[1])  # dropout is real
