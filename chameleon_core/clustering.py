@@ -53,7 +53,7 @@ def fit_clusters(
     random rows (at least two per cluster; ``None``: all rows), and since Lloyd's first iterations do
     nearly all the work, runs stop after ``max_iter``. At that scale this ends within 0.1 % of the
     inertia of seeding on all rows and iterating to convergence (``n_init=3, max_iter=100``), in a
-    fifteenth of the time; inputs of at most ``seeding_rows`` rows are seeded exactly as before.
+    fifteenth of the time. Inputs of at most ``seeding_rows`` rows seed from all their rows.
     """
     n = embeddings.shape[0]
     k = default_k(n, batch_size) if k is None else k
@@ -67,7 +67,7 @@ def fit_clusters(
 
 
 def _seed_from_sample(x: np.ndarray, n_clusters: int, random_state: np.random.RandomState, rows: int) -> np.ndarray:
-    """k-means++ centres among ``rows`` random rows, in float64 (scikit-learn upcasts float32 chunk by chunk, slower)."""
+    """k-means++ centres among ``rows`` random rows, in float64 (scikit-learn upcasts float32 chunk by chunk)."""
     sample = x[random_state.choice(len(x), rows, replace=False)].astype(np.float64)
     return kmeans_plusplus(sample, n_clusters, random_state=random_state)[0]
 

@@ -31,6 +31,8 @@ LOCAL_FILES = {
 
 @dataclass(frozen=True)
 class Profile:
+    """Everything a notebook or a demo needs to know to run at one scale, resolved once."""
+
     name: str  # the profile in use, after any fallback
     model: str
     dataset: str  # the text corpus: "wikitext" or "synthetic"
@@ -45,7 +47,8 @@ class Profile:
 
     def __str__(self) -> str:
         size = f"{self.train_rows} training rows, {self.eval_rows} evaluation rows, {self.epochs} epoch(s)"
-        return f"profile {self.name!r}: {Path(self.model).name} on {self.dataset} ({size})" + (f"; {self.note}" if self.note else "")
+        text = f"profile {self.name!r}: {Path(self.model).name} on {self.dataset} ({size})"
+        return text + (f"; {self.note}" if self.note else "")
 
     def config(self, **overrides) -> TrainConfig:
         """A training configuration at this profile's model, data and size; ``overrides`` win."""

@@ -149,7 +149,7 @@ def results_markdown(results: dict) -> str:
                 f"{_fmt(row['val_ppl'], ppl_digits)} | {len(row['seeds'])} |"
             )
         if block.get("not_run"):
-            lines.append("Not run (no finished seed): " + "; ".join(block["not_run"]) + ".")
+            lines += ["", "Not run (no finished seed): " + "; ".join(block["not_run"]) + "."]
         lines.append("")
     lines += ["Rows:", ""] + [f"- **{name}**: {text}" for name, text in DESCRIPTIONS.items()]
     return "\n".join(lines) + "\n"

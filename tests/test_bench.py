@@ -98,7 +98,11 @@ def test_a_wrong_path_fails_the_checks():
 
 @pytest.mark.parametrize(
     ("changes", "message"),
-    [({"repeats": 0}, "--repeats must be >= 1"), ({"batch": 2}, "must hold the 4 clusters"), ({"seq": 2}, "--seq must be >= 4")],
+    [
+        ({"repeats": 0}, "--repeats must be >= 1"),
+        ({"batch": 2}, "must hold the mixed batch's 4 clusters"),
+        ({"seq": 2}, "--seq must be >= 4"),
+    ],
 )
 def test_bad_settings_are_rejected(changes, message):
     with pytest.raises(ValueError, match=message):
