@@ -483,6 +483,39 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_markdown(result: dict) -> str:
+    """The README's cost section: the machine, every variant's throughput and ratio, the targets."""
+    settings, machine, c = result["settings"], result["machine"], result["clustering"]
+    where = machine["accelerator"] or f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
+    lines = [
+        f"`{settings['model']}` on {machine['device']} ({where}; torch {machine['torch']}): batch {settings['batch']} x "
+        f"{settings['seq']} tokens scored and trained, prompts of {settings['seq'] // 4} tokens extended by "
+        f"{settings['new_tokens']} greedy tokens; median of {settings['repeats']} interleaved repeats, ratios are "
+        "medians of per-repeat ratios.",
+        "",
+        "| Section | Variant | What it runs | Throughput | x reference | Peak MiB |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for section in ("scoring", "generation", "training"):
+        table = result[section]
+        for name, row in table["variants"].items():
+            memory = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:,.0f}"
+            lines.append(f"| {section} | {name} | {row['about']} | {row['throughput']:,.1f} {table['unit']} | "
+                         f"{row['ratio']:.3f} x {table['reference']} | {memory} |")
+    lines += ["", "| Target | Measured | Met |", "|---|---:|---|"]
+    for target in result["targets"]:
+        subject = f"{target['section']}: {target['variant']} {target['target']}"
+        value = f"{target['value']:.2f} s" if target["reference"] is None else f"{target['value']:.3f}"
+        lines.append(f"| {subject} | {value} | {'yes' if target['met'] else '**no**'} |")
+    lines += ["", f"Clustering {c['rows']:,} embeddings of dimension {c['dim']} into k = {c['k']:,} clusters: embedding "
+              f"{c['embed_s']:.2f} s, k-means {c['fit_s']:.2f} s, assignment {c['assign_s']:.2f} s."]
+    if "reference" in c:
+        ref = c["reference"]
+        lines.append(f"The reference k-means ({ref['about']}) takes {ref['fit_s']:.1f} s; the fast fit's inertia is "
+                     f"{ref['inertia_ratio']:.4f} x the reference's.")
+    return "\n".join(lines) + "\n"
+
+
 def bench_command(args: argparse.Namespace) -> None:
     settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
     given = {name: getattr(args, name) for name in ("model", "device", "batch", "seq", "new_tokens", "repeats")}

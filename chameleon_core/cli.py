@@ -44,10 +44,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m chameleon_core", description="ChameleonLLM commands")
     commands = parser.add_subparsers(dest="command", required=True)
-    from . import bench, inference, reproduce, train
+    from . import bench, inference, report, reproduce, train
 
-    for register_command in (register, train.register, reproduce.register, inference.register, bench.register):
-        register_command(commands)
+    register(commands)
+    for module_register in (train.register, reproduce.register, report.register, inference.register, bench.register):
+        module_register(commands)
     return parser
 
 
