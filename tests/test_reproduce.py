@@ -105,6 +105,7 @@ def test_readme_claims_hold_for_the_committed_results():
         # published protocol: worse than uniform without an adapter on more than the head; lora-matched wins anyway
         assert loss(paper, "base") > uniform and loss(paper, "lora-head") > uniform, dataset
         assert loss(paper, "lora-matched") < loss(paper, "chameleon"), dataset
+        assert paper["chameleon"]["val_ppl"]["mean"] < 10 < paper["lora-head"]["val_ppl"]["mean"] / 100, dataset
         # correct protocol
         assert all(loss(causal, row) < loss(causal, "base") for row in causal if row != "base"), dataset
         assert loss(causal, "chameleon") < loss(causal, "lora") - spread, dataset
