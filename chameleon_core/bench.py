@@ -488,12 +488,13 @@ def format_report(result: dict) -> str:
 def bench_markdown(result: dict) -> str:
     """The README's cost section: the machine, every variant's throughput and ratio, the targets."""
     settings, machine, c = result["settings"], result["machine"], result["clustering"]
-    where = machine["accelerator"] or f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
+    threads = f"{machine['cores']} cores, {machine['torch_threads']} torch threads"
+    where = machine["accelerator"] or f"{machine['cpu']}, {threads}"
     lines = [
-        f"`{settings['model']}` on {machine['device']} ({where}; torch {machine['torch']}): batch {settings['batch']} x "
-        f"{settings['seq']} tokens scored and trained, prompts of {settings['seq'] // 4} tokens extended by "
-        f"{settings['new_tokens']} greedy tokens; median of {settings['repeats']} interleaved repeats, ratios are "
-        "medians of per-repeat ratios.",
+        f"`{settings['model']}` on {machine['device']} ({where}; torch {machine['torch']}): "
+        f"batch {settings['batch']} x {settings['seq']} tokens scored and trained, prompts of "
+        f"{settings['seq'] // 4} tokens extended by {settings['new_tokens']} greedy tokens; "
+        f"median of {settings['repeats']} interleaved repeats, ratios are medians of per-repeat ratios.",
         "",
         "| Section | Variant | What it runs | Throughput | x reference | Peak MiB |",
         "|---|---|---|---:|---:|---:|",
@@ -509,8 +510,8 @@ def bench_markdown(result: dict) -> str:
         subject = f"{target['section']}: {target['variant']} {target['target']}"
         value = f"{target['value']:.2f} s" if target["reference"] is None else f"{target['value']:.3f}"
         lines.append(f"| {subject} | {value} | {'yes' if target['met'] else '**no**'} |")
-    lines += ["", f"Clustering {c['rows']:,} embeddings of dimension {c['dim']} into k = {c['k']:,} clusters: embedding "
-              f"{c['embed_s']:.2f} s, k-means {c['fit_s']:.2f} s, assignment {c['assign_s']:.2f} s."]
+    lines += ["", f"Clustering {c['rows']:,} embeddings of dimension {c['dim']} into k = {c['k']:,} clusters: "
+              f"embedding {c['embed_s']:.2f} s, k-means {c['fit_s']:.2f} s, assignment {c['assign_s']:.2f} s."]
     if "reference" in c:
         ref = c["reference"]
         lines.append(f"The reference k-means ({ref['about']}) takes {ref['fit_s']:.1f} s; the fast fit's inertia is "

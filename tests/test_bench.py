@@ -4,8 +4,8 @@ Timings are never asserted: they depend on the machine; only what the bench comp
 """
 
 import json
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch

@@ -90,7 +90,8 @@ def test_comparisons_give_the_sign_and_flag_differences_the_seeds_explain():
 
 def test_readme_claims_hold_for_the_committed_results():
     """The README's prose about the committed tables, checked against them (rerunning may change them)."""
-    committed = {path.parent.name: json.loads(path.read_text()) for path in (ROOT / "assets" / "results").glob("*/results.json")}
+    files = (ROOT / "assets" / "results").glob("*/results.json")
+    committed = {path.parent.name: json.loads(path.read_text()) for path in files}
     if set(committed) != {"wikitext", "alpaca"}:
         pytest.skip("the committed WikiText-2 and Alpaca results are not both there")
     uniform = math.log(512)  # stories260K's vocabulary
@@ -113,5 +114,6 @@ def test_readme_claims_hold_for_the_committed_results():
         assert abs(loss(causal, SHUFFLED) - loss(causal, "chameleon")) <= spread, dataset
         assert loss(causal, "chameleon, per-example conditioning") <= loss(causal, "chameleon") + spread, dataset
         assert loss(causal, "chameleon, random batches") > loss(causal, "chameleon") + spread, dataset
-    share = {name: r["protocols"]["paper"]["padding_share"][r["protocols"]["paper"]["eval_split"]] for name, r in committed.items()}
+    paper = {name: results["protocols"]["paper"] for name, results in committed.items()}
+    share = {name: block["padding_share"][block["eval_split"]] for name, block in paper.items()}
     assert 0.4 < share["wikitext"] < 0.6 and share["alpaca"] > 0.9
