@@ -67,22 +67,29 @@ def _stats(values: list[float]) -> dict:
 def reproduce(
     base: TrainConfig, out: str | Path, protocols: tuple[str, ...] = ("paper", "causal"), seeds: list[int] = (0,),
     ablation_seeds: list[int] = (0,), k_sweep: list[int] = (), show_progress: bool = True, collect_only: bool = False,
+    only: set[str] | None = None,
 ) -> dict:
     """Run (or, with ``collect_only``, only gather the finished runs of) the whole grid.
 
+    ``only`` names the rows to train as ``<protocol>/<row folder>`` (``causal/chameleon-random-batches``):
+    the others are only gathered, so a few rows can get more seeds without rerunning the grid.
     Rows are reported with the seeds that finished; a row with none is listed as not run.
     """
+    grid = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep))
+    if only is not None and (unknown := only - {f"{p}/{_slug(name)}" for p in protocols for name in grid}):
+        raise ValueError(f"--only names rows that are not in the grid: {', '.join(sorted(unknown))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"setup": {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")}, "protocols": {}}
     for protocol in protocols:
-        table, curves, not_run = {}, {}, []
-        for name, (overrides, row_seeds) in planned_rows(list(seeds), list(ablation_seeds), list(k_sweep)).items():
+        table, curves, not_run, first = {}, {}, [], None  # first: a finished run, for the split's facts
+        for name, (overrides, row_seeds) in grid.items():
             runs = []
+            gather = collect_only or (only is not None and f"{protocol}/{_slug(name)}" not in only)
             for seed in row_seeds:
                 config = replace(base, protocol=protocol, seed=seed, **overrides)
                 folder = out / "runs" / protocol / _slug(name) / f"seed{seed}"
-                if collect_only:
+                if gather:
                     runs += [done] if (done := finished_run(folder, config)) else []
                     continue
                 if show_progress:
@@ -91,13 +98,13 @@ def reproduce(
             if not runs:
                 not_run.append(name)
                 continue
+            first = first or runs[0]
             table[name] = _row(runs)
             curves[name] = runs[0]["history"]
             if name == "chameleon":
                 table[SHUFFLED] = _row(runs, "eval_shuffled_condition")
-        if not table:
+        if first is None:
             continue
-        first = finished_run(out / "runs" / protocol / "base" / "seed0", replace(base, protocol=protocol, seed=0, regime="base")) or runs[0]
         results["protocols"][protocol] = {
             "eval_split": first["eval_split"], "rows": first["rows"], "dropped_rows": first["dropped_rows"],
             "k": first["k"], "padding_share": first["padding_share"], "table": table, "curves": curves, "not_run": not_run,
@@ -162,7 +169,8 @@ def results_markdown(results: dict) -> str:
     setup = results["setup"]
     lines = [
         f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {setup['epochs']} epochs, batch {setup['batch_size']}, "
-        f"rank {setup['rank']}, lr {setup['lr']}. Mean ± std over seeds where n > 1.",
+        f"rank {setup['rank']}, alpha {setup['alpha']:g} (scale alpha / rank = {setup['alpha'] / setup['rank']:g}), "
+        f"lr {setup['lr']}. Mean ± std over seeds where n > 1.",
         "",
     ]
     titles = {"paper": "Published protocol (`paper`): last position, no shift, padding scored",
@@ -220,7 +228,8 @@ def _reproduce_command(args) -> dict:
     explicit = {k: v for k, v in vars(args).items() if v is not None}
     config = config_from_args(argparse.Namespace(**{**profile, **explicit}))
     results = reproduce(config, args.out, tuple(args.protocols.split(",")), _ints(args.seeds), _ints(args.ablation_seeds),
-                        _ints(args.k_sweep), collect_only=args.collect_only)
+                        _ints(args.k_sweep), collect_only=args.collect_only,
+                        only=set(filter(None, args.only.split(","))) if args.only else None)
     print(results_markdown(results))
     return None
 
@@ -239,5 +248,7 @@ def register(commands) -> None:
     p.add_argument("--k-sweep", dest="k_sweep", default="", help="extra chameleon rows with these cluster counts, e.g. 8,32")
     p.add_argument("--collect-only", dest="collect_only", action="store_true",
                    help="train nothing: tabulate the runs already finished in --out (rows show how many seeds finished)")
+    p.add_argument("--only", default=None,
+                   help="train only these rows, e.g. causal/chameleon-random-batches (comma-separated); gather the rest")
     p.set_defaults(run=_reproduce_command)
 
