@@ -16,6 +16,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from tqdm.auto import tqdm
 
 from .train import TrainConfig, finished_run, train
 
@@ -93,7 +94,7 @@ def reproduce(
                     runs += [done] if (done := finished_run(folder, config)) else []
                     continue
                 if show_progress:
-                    print(f"[{protocol}] {name} seed {seed}", flush=True)
+                    tqdm.write(f"[{protocol}] {name} seed {seed}")  # on its own line, not after a bar
                 runs.append(train(config, folder, resume=True, show_progress=show_progress))
             if not runs:
                 not_run.append(name)
