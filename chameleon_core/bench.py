@@ -13,18 +13,16 @@ one repeat to the next; tables give medians, and ratios are medians of per-repea
 
 from __future__ import annotations
 
-import argparse
 import copy
 import ctypes
 import gc
-import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import sklearn
@@ -97,8 +95,14 @@ class Variant:
 class DenseHyperLoRAHead(HyperLoRAHead):
     """The naive head that the factored one avoids: ``W + scale * B_g A_g`` built (V x d) for each group."""
 
-    def condition(self, cond: torch.Tensor, groups: torch.Tensor) -> None:
-        super().condition(cond, groups)
+    def condition(
+        self,
+        embeddings: torch.Tensor,
+        mode: str = "batch",
+        cluster_ids: torch.Tensor | None = None,
+        centroids: torch.Tensor | None = None,
+    ) -> None:
+        super().condition(embeddings, mode, cluster_ids, centroids)
         self._weights = [self.base.weight + self.scale * (B @ A) for A, B in zip(self._A, self._B)]
 
     def clear(self) -> None:
@@ -517,31 +521,3 @@ def bench_markdown(result: dict) -> str:
         lines.append(f"The reference k-means ({ref['about']}) takes {ref['fit_s']:.1f} s; the fast fit's inertia is "
                      f"{ref['inertia_ratio']:.4f} x the reference's.")
     return "\n".join(lines) + "\n"
-
-
-def bench_command(args: argparse.Namespace) -> None:
-    settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
-    given = {name: getattr(args, name) for name in ("model", "device", "batch", "seq", "new_tokens", "repeats")}
-    settings = replace(settings, kmeans_reference=args.kmeans_reference,
-                       **{name: value for name, value in given.items() if value is not None})
-    result = run_bench(settings)
-    print(format_report(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("bench", help="measure what ChameleonLLM costs next to the base model and static LoRA")
-    p.add_argument("--model", default=None, help="hub id, local folder or random:* (default random:gpt2)")
-    p.add_argument("--json", type=Path, default=None, help="also write every measurement here")
-    p.add_argument("--quick", action="store_true",
-                   help="random:tiny-gpt2, a tiny batch and 1 repeat, after checking every path's outputs")
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
-    p.add_argument("--batch", type=int, default=None, help="rows per batch (default 32)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per row (default 128; prompts are seq // 4)")
-    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=None, help="generated per row (default 32)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3)")
-    p.add_argument("--kmeans-reference", dest="kmeans_reference", action="store_true",
-                   help="also fit the slow reference k-means (minutes) and compare inertia")
-    p.set_defaults(run=bench_command)

@@ -2,18 +2,24 @@
 
 A bundle folder holds ``config.json`` (base model, its fingerprint, the adapter config,
 training metadata), ``adapter.safetensors`` (trainable tensors only), ``clusters.safetensors``
-(k-means centroids, if any) and ``tokenizer/``. Static LoRA also exports to PEFT's format.
+(k-means centroids, if any), ``tokenizer/`` and ``checksums.json`` (the SHA-256 of every
+tensor file and of ``config.json``, written last, so a corrupt or half-replaced file is named
+on load instead of silently giving other outputs). Static LoRA also exports to PEFT's format.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .clustering import Clusters
@@ -22,6 +28,10 @@ from .models import load_model, load_tokenizer, model_fingerprint
 from .regimes import AdapterConfig, adapter_state, apply_regime
 
 FORMAT, VERSION = "chameleon-bundle", 1
+CHECKSUMS = "checksums.json"
+# Every file the manifest covers, in the order they are written (the tokenizer is the base model's).
+CHECKED_FILES = ("adapter.safetensors", "clusters.safetensors", "points.safetensors", "points.json", "config.json")
+REQUIRED_KEYS = ("base_model", "base_fingerprint", "adapter")
 
 
 class BundleError(ValueError):
@@ -57,9 +67,16 @@ def save_bundle(
     metadata: dict | None = None,
     base_model: str | None = None,
     points: Points | None = None,
+    half: bool = False,
 ) -> Path:
-    """Write a bundle; files are written to temporary names first so a crash leaves no half bundle."""
+    """Write a bundle; files are written to temporary names first so a crash leaves no half bundle.
+
+    ``half`` stores the adapter's and the points' floating tensors as float16 (half the disk and
+    download size); :func:`load_bundle` restores the model's dtype. Clusters stay float32: their
+    centroids decide assignments, where a rounding error could flip a cluster.
+    """
     path = Path(path)
+    stored = torch.float16 if half else torch.float32
     path.mkdir(parents=True, exist_ok=True)
     config = {
         "format": FORMAT,
@@ -69,21 +86,86 @@ def save_bundle(
         "adapter": adapter.to_dict(),
         "metadata": metadata or {},
     }
-    tensors = {name: t.float().cpu().contiguous() for name, t in adapter_state(model).items()}
+    tensors = {
+        name: (t.to(stored) if t.is_floating_point() else t).cpu().contiguous() for name, t in adapter_state(model).items()
+    }
     _atomic(path / "adapter.safetensors", lambda p: save_file(tensors, p))
     if clusters is not None:
-        _atomic(path / "clusters.safetensors", lambda p: save_file({"centroids": clusters.centroids.contiguous()}, p))
+        _atomic(path / "clusters.safetensors", lambda p: save_file({"centroids": clusters.centroids.float().contiguous()}, p))
     if points is not None:
-        _atomic(path / "points.safetensors", lambda p: save_file({"embeddings": points.embeddings.float().contiguous(), "labels": points.labels.long().contiguous()}, p))
+        _atomic(path / "points.safetensors", lambda p: save_file({"embeddings": points.embeddings.to(stored).contiguous(), "labels": points.labels.long().contiguous()}, p))
         _atomic(path / "points.json", lambda p: p.write_text(json.dumps(points.texts)))
+    # Optional files of an earlier bundle in this folder would otherwise be loaded with this one.
+    for stale, kept in (("clusters.safetensors", clusters), ("points.safetensors", points), ("points.json", points)):
+        if kept is None:
+            (path / stale).unlink(missing_ok=True)
     tokenizer.save_pretrained(path / "tokenizer")
     _atomic(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    write_checksums(path)
     return path
 
 
-def read_bundle_config(path: str | Path) -> dict:
-    """The bundle's ``config.json``, validated; cheap (no tensors, no model)."""
+def write_checksums(path: str | Path) -> Path:
+    """(Re)write ``checksums.json`` for the bundle at ``path`` from its files as they are now.
+
+    :func:`save_bundle` calls it last; call it yourself to add checksums to a bundle that
+    predates them, or after changing a bundle's files on purpose. Returns the manifest's path.
+    """
     path = Path(path)
+    _parse_config(path)  # only a bundle gets a manifest
+    files = {name: _sha256((path / name).read_bytes()) for name in CHECKED_FILES if (path / name).is_file()}
+    manifest = {"algorithm": "sha256", "files": files}
+    _atomic(path / CHECKSUMS, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    return path / CHECKSUMS
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_checksums(path: Path) -> dict[str, str] | None:
+    """The recorded checksums by file name, or None for a bundle saved before checksums existed."""
+    file = path / CHECKSUMS
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+        files = manifest["files"]
+        if manifest.get("algorithm") != "sha256" or not all(isinstance(v, str) for v in files.values()):
+            raise ValueError("unsupported layout")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise BundleError(
+            f"{CHECKSUMS} in bundle {path} is corrupt ({err}); rewrite it with "
+            f"chameleon_core.bundle.write_checksums({str(path)!r}) if the other files are known to be good"
+        ) from None
+    return files
+
+
+def _verify(path: Path, name: str, data: bytes, checksums: dict[str, str] | None) -> None:
+    """Raise a :class:`BundleError` naming ``name`` if its bytes differ from the recorded checksum."""
+    if checksums is None:
+        return
+    if name not in checksums:
+        raise BundleError(
+            f"{name} in bundle {path} is not listed in {CHECKSUMS}: it was not written with this bundle "
+            f"(remove it, or run write_checksums if it belongs)"
+        )
+    if _sha256(data) != checksums[name]:
+        raise BundleError(
+            f"{name} in bundle {path} does not match its recorded checksum: the file is corrupt or was changed after saving"
+        )
+
+
+def read_bundle_config(path: str | Path) -> dict:
+    """The bundle's ``config.json``, validated and checked against its checksum; cheap (no tensors, no model)."""
+    path = Path(path)
+    config = _parse_config(path)
+    _verify(path, "config.json", (path / "config.json").read_bytes(), _read_checksums(path))
+    return config
+
+
+def _parse_config(path: Path) -> dict:
+    """``config.json`` parsed and its format checked (format errors say more than a checksum mismatch)."""
     if not path.is_dir():
         raise BundleError(f"no bundle at {path}: folder does not exist")
     config_file = path / "config.json"
@@ -97,31 +179,50 @@ def read_bundle_config(path: str | Path) -> dict:
         raise BundleError(f"{config_file} is not a ChameleonLLM bundle config (format {FORMAT!r} expected)")
     if config.get("version") != VERSION:
         raise BundleError(f"bundle {path} has format version {config.get('version')}, this code reads {VERSION}")
+    if missing := [key for key in REQUIRED_KEYS if key not in config]:
+        raise BundleError(f"config.json in bundle {path} lacks {', '.join(missing)} (a bundle records {', '.join(REQUIRED_KEYS)})")
     return config
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _load_tensors(file: Path, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """The file's tensors, read once: parsed (a truncated file says so), then checked against its checksum."""
     if not file.is_file():
         raise BundleError(f"bundle {file.parent} is missing {file.name}")
     try:
-        return load_file(file)
+        data = file.read_bytes()
+        tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise BundleError(f"{file.name} in bundle {file.parent} is corrupt or truncated: {err}") from None
+    _verify(file.parent, file.name, data, checksums)
+    return tensors
 
 
 def load_bundle(path: str | Path, model: PreTrainedModel | None = None, device: str = "cpu") -> Bundle:
-    """Rebuild the adapted model. ``model`` (optional) must be the base the bundle was trained on."""
+    """Rebuild the adapted model. ``model`` (optional) must be the base the bundle was trained on.
+
+    Every file is checked against ``checksums.json``; a bundle without one (saved before
+    checksums existed) still loads, with a warning that says how to add them.
+    """
     path = Path(path)
     config = read_bundle_config(path)
-    adapter = AdapterConfig.from_dict(config["adapter"])
-    tensors = _load_tensors(path / "adapter.safetensors")
+    checksums = _read_checksums(path)
+    if checksums is None:
+        warnings.warn(
+            f"bundle {path} predates checksums (no {CHECKSUMS}), so corrupt files cannot be detected; add them with "
+            f"chameleon_core.bundle.write_checksums({str(path)!r})",
+            stacklevel=2,
+        )
+    elif missing := [name for name in checksums if not (path / name).is_file()]:
+        raise BundleError(f"bundle {path} is missing {', '.join(missing)} (listed in its {CHECKSUMS})")
+    try:
+        adapter = AdapterConfig.from_dict(config["adapter"])
+    except ValueError as err:
+        raise BundleError(f"config.json in bundle {path}: {err}") from None
+    tensors = _load_tensors(path / "adapter.safetensors", checksums)
     if model is None:
         model, _ = load_model(config["base_model"], device=device)
     if (found := model_fingerprint(model)) != config["base_fingerprint"]:
-        raise BundleError(
-            f"bundle {path} was trained on base model {config['base_model']!r} (fingerprint "
-            f"{config['base_fingerprint']}), but the model given is {model.name_or_path!r} (fingerprint {found})"
-        )
+        raise BundleError(_mismatch_message(path, config, model.name_or_path, found))
     # A bundle may leave its tokenizer out when the base model carries it (a shared bundle then
     # redistributes nothing of the base model's files).
     tokenizer_dir = path / "tokenizer"
@@ -137,19 +238,57 @@ def load_bundle(path: str | Path, model: PreTrainedModel | None = None, device: 
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise BundleError(f"tensor {name} in bundle {path} has shape {tuple(tensor.shape)}, model expects {tuple(expected[name].shape)}")
-    model.load_state_dict(tensors, strict=False)
+    # A half-precision bundle is restored to the model's own dtype.
+    model.load_state_dict({name: t.to(expected[name].dtype) for name, t in tensors.items()}, strict=False)
     clusters = None
     if (path / "clusters.safetensors").exists():
-        clusters = Clusters(_load_tensors(path / "clusters.safetensors")["centroids"])
+        clusters = Clusters(_load_tensors(path / "clusters.safetensors", checksums)["centroids"].float())
     points = None
     if (path / "points.safetensors").exists():
-        tensors = _load_tensors(path / "points.safetensors")
+        tensors = _load_tensors(path / "points.safetensors", checksums)
         try:
-            texts = json.loads((path / "points.json").read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = (path / "points.json").read_bytes()
+            texts = json.loads(data)
+        except (OSError, ValueError) as err:
             raise BundleError(f"points.json in bundle {path} is missing or corrupt: {err}") from None
-        points = Points(tensors["embeddings"], tensors["labels"], texts)
+        _verify(path, "points.json", data, checksums)
+        points = Points(tensors["embeddings"].float(), tensors["labels"], texts)
     return Bundle(model.eval(), tokenizer, adapter, config["base_model"], clusters, config.get("metadata", {}), points)
+
+
+def _mismatch_message(path: Path, config: dict, name: str, found: str) -> str:
+    """Why the given base model does not fit, with the likely cause when the names say it."""
+    recorded = config["base_model"]
+    message = (
+        f"bundle {path} was trained on base model {recorded!r} (fingerprint {config['base_fingerprint']}), "
+        f"but the model given is {name!r} (fingerprint {found})"
+    )
+    if name == recorded:
+        message += (
+            ": the model has the same name but different weights (e.g. a different seed, version or conversion), "
+            "so the adapters would be wrong for it"
+        )
+    if "smollm2" in recorded.lower() or "smollm2" in name.lower():
+        message += "; for SmolLM2, the hub weights and the dequantized GGUF weights differ (a bundle made on one does not fit the other)"
+    return message
+
+
+def share_bundle(path: str | Path, out: str | Path, model: PreTrainedModel | None = None) -> Path:
+    """A copy of the bundle at ``path`` fit to publish: half precision, no training text, no tokenizer.
+
+    Embeddings and cluster labels of the sampled training points stay (the demo draws its map
+    from them), their texts are blanked (training data has its own licence), and the tokenizer
+    is left to the base model, which the user has anyway. ``out`` must not exist yet.
+    """
+    out = Path(out)
+    if out.exists():
+        raise BundleError(f"{out} already exists; choose a new folder (nothing was written)")
+    bundle = load_bundle(path, model)
+    points = bundle.points and Points(bundle.points.embeddings, bundle.points.labels, [""] * len(bundle.points.texts))
+    save_bundle(out, bundle.model, bundle.tokenizer, bundle.adapter, bundle.clusters, bundle.metadata,
+                bundle.base_model, points, half=True)
+    shutil.rmtree(out / "tokenizer")
+    return out
 
 
 def export_peft(path: str | Path, model: PreTrainedModel, adapter: AdapterConfig, base_model: str | None = None) -> Path:

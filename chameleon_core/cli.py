@@ -1,7 +1,10 @@
-"""The ``python -m chameleon_core`` commands.
+"""The ``python -m chameleon_core`` commands: their options, defaults and handlers, in one place.
 
-Each command lives beside the code it drives and registers itself through a ``register``
-function taking the sub-parser collection; this module only collects them.
+The domain modules take typed parameters (a :class:`TrainConfig`, :class:`BenchSettings`, plain
+arguments); each handler here turns parsed options into one such call. Defaults are not repeated:
+an option left out is None and keeps the default of what it fills (:data:`TRAIN_DEFAULTS`,
+``BenchSettings``), and every command that takes a model defaults to ``models.DEFAULT_MODEL``
+unless its help says why not.
 """
 
 from __future__ import annotations
@@ -10,9 +13,23 @@ import argparse
 import copy
 import json
 import sys
+from dataclasses import asdict, replace
+from pathlib import Path
 
-from .models import load_model
+from . import inference
+from .bench import BenchSettings, format_report, run_bench
+from .bundle import share_bundle
+from .data import DATASETS
+from .models import DEFAULT_MODEL, MODEL_HELP, load_model
+from .protocols import PROTOCOLS
 from .regimes import REGIMES, AdapterConfig, apply_regime, trainable_parameters
+from .report import write_readme
+from .reproduce import PROFILES, profile_settings, reproduce, results_markdown
+from .train import SAMPLERS, TRAIN_CONDITIONING, TrainConfig, evaluate_bundle, train
+
+# What a command line trains with where an option is left out: TrainConfig's defaults, but the default model.
+TRAIN_DEFAULTS = {**asdict(TrainConfig()), "model": DEFAULT_MODEL}
+DEVICE_HELP = "auto, cpu, cuda, mps"
 
 
 def params(args: argparse.Namespace) -> dict:
@@ -22,33 +39,184 @@ def params(args: argparse.Namespace) -> dict:
     regimes = {}
     for regime in REGIMES:
         model = copy.deepcopy(base)
-        report = apply_regime(model, AdapterConfig(regime=regime, rank=args.rank))
+        report = apply_regime(model, AdapterConfig(regime=regime, rank=args.rank, clusters=args.clusters))
         entry = {"trainable": trainable_parameters(model)}
         if regime != "base":
             entry["head"] = trainable_parameters(model.get_submodule(report.head_module))
             entry["layers"] = entry["trainable"] - entry["head"]
             entry["lora_rank"] = report.config.lora_rank
+        if regime == "lora-per-cluster":
+            entry["clusters"] = report.config.clusters
         regimes[regime] = entry
     result["regimes"] = regimes
     return result
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("params", help="print the trainable parameters of each regime as JSON")
-    p.add_argument("--model", default="gpt2", help="hub id, local folder, or random:{tiny-gpt2,tiny-llama,gpt2}")
-    p.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the model's)")
-    p.add_argument("--rank", type=int, default=4)
-    p.set_defaults(run=params)
+def _setting(parser: argparse.ArgumentParser, name: str, about: str | None = None, **kwargs) -> None:
+    """``--name`` for the TrainConfig field ``name``, None when left out (see :func:`_train_config`)."""
+    about = about or f"default: {TRAIN_DEFAULTS[name]}"
+    parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=about, **kwargs)
 
 
+def _add_training_settings(parser: argparse.ArgumentParser) -> None:
+    """The TrainConfig fields that ``train`` and ``reproduce`` share (``reproduce`` varies the others)."""
+    _setting(parser, "model", MODEL_HELP)
+    _setting(parser, "dataset", choices=DATASETS)
+    _setting(parser, "data_dir", "local data (WikiText folder or Alpaca .json); default: the hub")
+    _setting(parser, "epochs", type=int)
+    _setting(parser, "lr", type=float)
+    _setting(parser, "batch_size", type=int)
+    _setting(parser, "rank", type=int)
+    _setting(parser, "alpha", f"LoRA alpha; scale = alpha / rank (default: {TRAIN_DEFAULTS['alpha']})", type=float)
+    _setting(parser, "max_length", type=int)
+    _setting(parser, "context_tokens", type=int)
+    _setting(parser, "k", "number of clusters (default: rows // batch size)", type=int)
+    _setting(parser, "max_train_rows", "default: all", type=int)
+    _setting(parser, "max_eval_rows", "default: all", type=int)
+    _setting(parser, "data_seed", type=int)
+    _setting(parser, "device", f"{DEVICE_HELP} (default: {TRAIN_DEFAULTS['device']})")
+
+
+def _train_config(args: argparse.Namespace, profile: dict | None = None) -> TrainConfig:
+    """:data:`TRAIN_DEFAULTS`, overridden by ``profile``, overridden by the options given."""
+    given = {name: value for name, value in vars(args).items() if name in TRAIN_DEFAULTS and value is not None}
+    return TrainConfig(**{**TRAIN_DEFAULTS, **(profile or {}), **given})
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=TRAIN_DEFAULTS["device"], help=f"{DEVICE_HELP} (default: %(default)s)")
+
+
+# ---------------------------------------------------------------- handlers
+def _train(args: argparse.Namespace) -> dict:
+    result = train(_train_config(args), args.out, resume=args.resume, overwrite=args.overwrite)
+    return {k: result[k] for k in ("trainable_parameters", "train_loss", "eval", "eval_split", "k", "padding_share")}
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    return evaluate_bundle(args.bundle, dataset=args.dataset, data_dir=args.data_dir, protocol=args.protocol,
+                           split=args.split, max_eval_rows=args.max_eval_rows, device=args.device)
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    config = _train_config(args, profile_settings(args.profile, args.dataset) if args.profile else None)
+    only = set(args.only) if args.only else None
+    results = reproduce(config, args.out, tuple(args.protocols), args.seeds, args.ablation_seeds, args.k_sweep,
+                        collect_only=args.collect_only, only=only)
+    print(results_markdown(results))
+
+
+def _report(args: argparse.Namespace) -> None:
+    write_readme(args.readme, args.root)
+
+
+def _share_bundle(args: argparse.Namespace) -> dict:
+    out = share_bundle(args.bundle, args.out)
+    return {"bundle": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
+
+
+def _bench(args: argparse.Namespace) -> None:
+    settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
+    given = {name: getattr(args, name) for name in ("model", "device", "batch", "seq", "new_tokens", "repeats")}
+    result = run_bench(replace(settings, kmeans_reference=args.kmeans_reference,
+                               **{name: value for name, value in given.items() if value is not None}))
+    print(format_report(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m chameleon_core", description="ChameleonLLM commands")
     commands = parser.add_subparsers(dest="command", required=True)
-    from . import bench, inference, report, reproduce, train
 
-    register(commands)
-    for module_register in (train.register, reproduce.register, report.register, inference.register, bench.register):
-        module_register(commands)
+    p = commands.add_parser("params", help="print the trainable parameters of each regime as JSON")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the model's)")
+    p.add_argument("--rank", type=int, default=TRAIN_DEFAULTS["rank"], help="LoRA rank (default: %(default)s)")
+    p.add_argument("--clusters", type=int, default=1,
+                   help="training clusters k for lora-per-cluster, which holds one head LoRA per cluster (default 1)")
+    p.set_defaults(run=params)
+
+    p = commands.add_parser("train", help="train one regime; the output folder is a loadable bundle")
+    _add_training_settings(p)
+    _setting(p, "regime", choices=REGIMES)
+    _setting(p, "protocol", choices=PROTOCOLS)
+    _setting(p, "sampler", choices=SAMPLERS)
+    _setting(p, "conditioning", choices=TRAIN_CONDITIONING)
+    _setting(p, "seed", type=int)
+    p.add_argument("--out", required=True, help="run folder (bundle + metrics + checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run the folder already holds (default: refuse)")
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("evaluate", help="evaluate one bundle on a dataset split, prepared as its training run did")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the dataset the bundle was trained on")
+    p.add_argument("--data-dir", dest="data_dir", default=None, help="default: the bundle's")
+    p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="default: the bundle's training protocol")
+    p.add_argument("--split", default=None, help="default: test if the dataset has one, else validation")
+    p.add_argument("--max-eval-rows", dest="max_eval_rows", type=int, default=None, help="default: all")
+    _add_device(p)
+    p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser("reproduce", help="every regime and ablation under both protocols; writes the results table")
+    _add_training_settings(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--profile", choices=tuple(PROFILES), default=None,
+                   help="the settings to start from (options given win): tiny: random tiny GPT-2 + synthetic corpus "
+                        "(minutes on a CPU); paper: gpt2 + hub data + published hyper-parameters")
+    p.add_argument("--protocols", type=_names, default="paper,causal")
+    p.add_argument("--seeds", type=_ints, default="0", help="seeds of the headline rows, e.g. 0,1,2")
+    p.add_argument("--ablation-seeds", dest="ablation_seeds", type=_ints, default="0")
+    p.add_argument("--k-sweep", dest="k_sweep", type=_ints, default="",
+                   help="extra chameleon rows with these cluster counts, e.g. 8,32")
+    p.add_argument("--collect-only", dest="collect_only", action="store_true",
+                   help="train nothing: tabulate the runs already finished in --out (rows show how many seeds finished)")
+    p.add_argument("--only", type=_names, default=None,
+                   help="train only these rows, e.g. causal/chameleon-random-batches (comma-separated); gather the rest")
+    p.set_defaults(run=_reproduce)
+
+    p = commands.add_parser("report", help="write the committed results and bench figures into README.md")
+    p.add_argument("root", nargs="?", type=Path, default=Path("assets/results"),
+                   help="folder with */results.md and bench.json")
+    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.set_defaults(run=_report)
+
+    p = commands.add_parser("share-bundle", help="copy a bundle fit to publish: half precision, no training text, "
+                            "no tokenizer")
+    p.add_argument("--bundle", required=True, type=Path, help="the bundle (a train run folder, or lora/ or chameleon/)")
+    p.add_argument("--out", required=True, type=Path, help="a new folder (refused if it exists)")
+    p.set_defaults(run=_share_bundle)
+
+    inference.register(commands)  # generate: its options stay beside its code until inference.py moves them here
+
+    d = BenchSettings()
+    p = commands.add_parser("bench", help="measure what ChameleonLLM costs next to the base model and static LoRA")
+    p.add_argument("--model", default=None,
+                   help=f"hub id, local folder or random:* (default: {d.model}, GPT-2 small's shape with random "
+                        "weights: the scale of the paper's counts, and timings do not depend on the weights)")
+    p.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    p.add_argument("--quick", action="store_true",
+                   help="random:tiny-gpt2, a tiny batch and 1 repeat, after checking every path's outputs")
+    _add_device(p)
+    p.add_argument("--batch", type=int, default=None, help=f"rows per batch (default: {d.batch})")
+    p.add_argument("--seq", type=int, default=None, help=f"tokens per row (default: {d.seq}; prompts are seq // 4)")
+    p.add_argument("--new-tokens", dest="new_tokens", type=int, default=None,
+                   help=f"generated per row (default: {d.new_tokens})")
+    p.add_argument("--repeats", type=int, default=None, help=f"interleaved rounds (default: {d.repeats})")
+    p.add_argument("--kmeans-reference", dest="kmeans_reference", action="store_true",
+                   help="also fit the slow reference k-means (minutes) and compare inertia")
+    p.set_defaults(run=_bench)
     return parser
 
 
@@ -56,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input (BundleError, ModelError included) or unreadable files
+        # One line, no traceback: library errors (hub, tokenizers) span several lines, so they are joined.
+        print(f"error: {' '.join(str(err).split()) or type(err).__name__}", file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2))

@@ -74,7 +74,7 @@ def load_alpaca(
 ) -> dict[str, list[Record]]:
     """Alpaca from a hub id or a local JSON list, split seeded into disjoint train / validation."""
     if Path(source).expanduser().is_file():
-        rows = json.loads(Path(source).expanduser().read_text(encoding="utf-8"))
+        rows = _read_json(Path(source).expanduser())
         if not isinstance(rows, list):
             raise ValueError(f"{source} must hold a JSON list of {{instruction, input, output}} records")
     elif str(source).endswith(".json"):
@@ -83,12 +83,38 @@ def load_alpaca(
         from datasets import load_dataset
 
         rows = list(load_dataset(str(source), split="train"))
-    missing = [i for i, row in enumerate(rows) if "instruction" not in row or "output" not in row]
-    if missing:
-        raise ValueError(f"Alpaca records need 'instruction' and 'output' fields; record {missing[0]} lacks one")
+    for i, row in enumerate(rows):
+        _check_alpaca_row(source, i, row)
     records = [alpaca_record(row["instruction"], row.get("input", ""), row["output"]) for row in rows]
     train, validation = split_records(records, validation_fraction, seed)
     return {"train": train, "validation": validation}
+
+
+def _read_json(path: Path):
+    """A JSON file's content; a malformed file is named with where it breaks."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})") from None
+
+
+def _check_alpaca_row(source: str | Path, index: int, row) -> None:
+    """Each record is an object with string fields; says which record and field is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(
+            f"record {index} of {source} is {json.dumps(row, default=str)[:60]}, not an object: Alpaca records must be "
+            "JSON objects with 'instruction', 'output' and optionally 'input' string fields"
+        )
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise ValueError(f"Alpaca records need 'instruction' and 'output' fields; record {index} lacks one ({key!r}) in {source}")
+    for key in ("instruction", "input", "output"):
+        if key in row and not isinstance(row[key], str):
+            raise ValueError(
+                f"field {key!r} of record {index} of {source} must be a string, got {json.dumps(row[key], default=str)[:60]}"
+            )
 
 
 # ---------------------------------------------------------------- synthetic corpus

@@ -3,12 +3,17 @@
 ``logits = W h + (alpha / r) * B_c (A_c h)`` where ``(A_c, B_c) = hyper(c)`` and ``c`` is the
 conditioning vector of the row's group (the whole batch, its cluster, or the row itself).
 The update is applied in factored form, so no ``V x d`` matrix is ever built, and a batch that
-mixes groups runs in one pass: each row's low-rank code ``A_g h`` lands in its group's block
-of a ``G * r`` wide vector, and one matmul with all ``B_g`` side by side finishes the job.
+mixes groups runs in one pass: each row gathers its own group's ``A_g`` and ``B_g`` (as BGMV
+kernels do), so the work is that of one adapter however many groups the batch holds.
+
+Every head with a per-row update derives from :class:`ConditionedHead` and shares that pass:
+:class:`HyperLoRAHead` (``chameleon``; with a constant hyper-network input, ``chameleon-constant``)
+and :class:`ClusterLoRAHead` (``lora-per-cluster``: one static LoRA per training cluster).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import features
+from .lora import LORA_INITS, features
 
 CONDITIONING_MODES = ("batch", "cluster", "example")
 
@@ -58,12 +63,111 @@ class HyperNetwork(nn.Module):
         return A, B
 
 
-class HyperLoRAHead(nn.Module):
-    """Wraps the frozen output head; the update comes from :class:`HyperNetwork`.
+class ConstantHyperNetwork(HyperNetwork):
+    """The hyper-network with its input replaced by one learned vector: the same generator, no conditioning.
 
-    The wrapped head keeps its own (possibly tied) weight and is only read, never written.
+    Whatever it is given, every group gets the adapter generated from ``input``. ``input`` starts as
+    a random unit vector, like the normalised embeddings ``chameleon`` reads. (At zero the first
+    layer would output its zero bias, every ReLU would sit at 0 with zero gradient, and only the last
+    layer's bias would ever learn: a static LoRA, not the same architecture.)
+    """
+
+    def __init__(
+        self,
+        cond_dim: int,
+        in_features: int,
+        out_features: int,
+        r: int,
+        hidden: tuple[int, ...] = (64, 32),
+        dropout: float = 0.5,
+    ):
+        super().__init__(cond_dim, in_features, out_features, r, hidden, dropout)
+        self.input = nn.Parameter(F.normalize(torch.randn(cond_dim), dim=0))
+
+    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cond``: (G, cond_dim), read only for G -> A: (G, r, in), B: (G, out, r), one adapter repeated."""
+        A, B = super().forward(self.input[None])
+        return A.expand(len(cond), -1, -1), B.expand(len(cond), -1, -1)
+
+
+class ConditionedHead(nn.Module):
+    """The frozen output head plus a rank-``r`` update chosen per row: ``W h + scale * B_g (A_g h)``.
+
+    Subclasses say where each group's adapter comes from (:meth:`adapters`); the forward pass is
+    shared. The wrapped head keeps its own (possibly tied) weight and is only read, never written.
     Call :meth:`condition` (or use :func:`conditioned`) before each forward pass.
     """
+
+    unconditioned_error: str  # what a forward pass outside ``conditioned(...)`` says to do instead
+
+    def __init__(self, base: nn.Module, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = features(base)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self._A: torch.Tensor | None = None
+        self._B: torch.Tensor | None = None
+        self._groups: torch.Tensor | None = None
+
+    def adapters(
+        self,
+        embeddings: torch.Tensor,
+        mode: str = "batch",
+        cluster_ids: torch.Tensor | None = None,
+        centroids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A: (G, r, d), B: (G, V, r), one adapter per group, and groups: (N,), each row's group."""
+        raise NotImplementedError
+
+    def condition(
+        self,
+        embeddings: torch.Tensor,
+        mode: str = "batch",
+        cluster_ids: torch.Tensor | None = None,
+        centroids: torch.Tensor | None = None,
+    ) -> None:
+        """Choose the adapters of the rows of ``embeddings`` (N, d) for the next forward passes."""
+        if embeddings.dim() != 2:
+            raise ValueError(f"embeddings must be (rows, dim), got shape {tuple(embeddings.shape)}")
+        self._A, self._B, groups = self.adapters(embeddings, mode, cluster_ids, centroids)
+        self._groups = groups.to(self._A.device)
+
+    def clear(self) -> None:
+        self._A = self._B = self._groups = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self._A is None:
+            raise RuntimeError(self.unconditioned_error)
+        logits = self.base(h)
+        A, B, groups = self._A, self._B, self._groups
+        rows = h.shape[0]
+        if groups.numel() != rows:  # generate() may expand rows (num_return_sequences, beams)
+            if rows % groups.numel():
+                raise ValueError(f"{rows} rows cannot share adapters of {groups.numel()} conditioned rows")
+            groups = groups.repeat_interleave(rows // groups.numel())
+        # In place: the head's output is not saved for backward, and a second V-wide tensor would
+        # cost a copy of every logit (about a tenth of the head's time on a CPU at GPT-2 scale).
+        if A.shape[0] == 1:  # one adapter for every row: two plain matmuls
+            flat = logits.reshape(-1, logits.shape[-1])
+            flat.addmm_((h @ A[0].T).reshape(-1, self.r), B[0].T, alpha=self.scale)  # (N*T, r) @ (r, V)
+            return flat.view_as(logits)
+        # Mixed batch: each row gathers its own group's A and B, so the cost does not grow with G.
+        low = torch.einsum("ntd,nrd->ntr", h, A[groups])  # (N, T, r)
+        logits.baddbmm_(low, B[groups].transpose(1, 2), alpha=self.scale)  # (N, T, V) += (N, T, r) @ (N, r, V)
+        return logits
+
+
+class HyperLoRAHead(ConditionedHead):
+    """``chameleon``: the update comes from :class:`HyperNetwork`, one adapter per group of rows.
+
+    ``constant=True`` (``chameleon-constant``) feeds the hyper-network one learned vector instead of
+    the conditioning (:class:`ConstantHyperNetwork`): the same architecture, without conditioning.
+    """
+
+    unconditioned_error = (
+        "the ChameleonLLM head has no conditioning: run the model inside "
+        "`with conditioned(model, embeddings, ...)` so the hyper-network can generate its adapter"
+    )
 
     def __init__(
         self,
@@ -73,54 +177,80 @@ class HyperLoRAHead(nn.Module):
         alpha: float,
         hidden: tuple[int, ...] = (64, 32),
         dropout: float = 0.5,
+        constant: bool = False,
     ):
-        super().__init__()
-        self.base = base
-        in_features, out_features = features(base)
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
-        self.hyper = HyperNetwork(cond_dim, in_features, out_features, r, hidden, dropout)
+        super().__init__(base, r, alpha)
+        network = ConstantHyperNetwork if constant else HyperNetwork
+        self.hyper = network(cond_dim, self.in_features, self.out_features, r, hidden, dropout)
         self.hyper.to(device=base.weight.device, dtype=base.weight.dtype)
-        self._A: torch.Tensor | None = None
-        self._B: torch.Tensor | None = None
-        self._groups: torch.Tensor | None = None
 
-    def condition(self, cond: torch.Tensor, groups: torch.Tensor) -> None:
-        """Generate one adapter per row of ``cond`` (G, d); row ``n`` of the batch uses ``groups[n]``."""
-        if cond.dim() != 2:
-            raise ValueError(f"conditioning must be (groups, dim), got shape {tuple(cond.shape)}")
+    def adapters(
+        self,
+        embeddings: torch.Tensor,
+        mode: str = "batch",
+        cluster_ids: torch.Tensor | None = None,
+        centroids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One adapter generated per conditioning vector of :func:`condition_groups`."""
+        cond, groups = condition_groups(embeddings, mode, cluster_ids, centroids)
         weight = self.base.weight  # embeddings are often kept on the CPU; the adapter lives beside the head
-        self._A, self._B = self.hyper(cond.to(weight))
-        self._groups = groups.to(weight.device)
+        A, B = self.hyper(cond.to(weight))
+        return A, B, groups
 
-    def clear(self) -> None:
-        self._A = self._B = self._groups = None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self._A is None:
-            raise RuntimeError(
-                "the ChameleonLLM head has no conditioning: run the model inside "
-                "`with conditioned(model, embeddings, ...)` so the hyper-network can generate its adapter"
+class ClusterLoRAHead(ConditionedHead):
+    """``lora-per-cluster``: ``k`` static head LoRAs, one per training cluster; each row uses its cluster's.
+
+    Initialised as PEFT does each adapter (``init="peft"``: A Kaiming-uniform, B zero, so a fresh
+    head is the base head) or as the published code (``"paper"``: both ``0.01 * N(0, 1)``).
+    Rows are routed by cluster id alone: condition it with mode ``"cluster"`` and the rows' ids.
+    """
+
+    unconditioned_error = (
+        "the lora-per-cluster head has no conditioning: run the model inside "
+        "`with conditioned(model, embeddings, \"cluster\", cluster_ids)` so each row gets its cluster's adapter"
+    )
+
+    def __init__(self, base: nn.Module, clusters: int, r: int, alpha: float, init: str = "peft"):
+        super().__init__(base, r, alpha)
+        if clusters < 1:
+            raise ValueError(f"lora-per-cluster needs at least one cluster, got {clusters}")
+        if init not in LORA_INITS:
+            raise ValueError(f"unknown LoRA init {init!r}; choose from {LORA_INITS}")
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(clusters, r, self.in_features, **like))  # (k, r, d)
+        self.lora_B = nn.Parameter(torch.zeros(clusters, self.out_features, r, **like))  # (k, V, r)
+        with torch.no_grad():
+            for A, B in zip(self.lora_A, self.lora_B):  # each (r, d) on its own: fan-in d, as LoRALayer's
+                if init == "peft":
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                else:
+                    nn.init.normal_(A, std=0.01)
+                    nn.init.normal_(B, std=0.01)
+
+    def adapters(
+        self,
+        embeddings: torch.Tensor,
+        mode: str = "cluster",
+        cluster_ids: torch.Tensor | None = None,
+        centroids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adapters of the clusters present in the batch; the embeddings themselves are not read."""
+        if mode != "cluster" or cluster_ids is None:
+            raise ValueError(
+                "lora-per-cluster routes each row to its training cluster's adapter: "
+                "condition it with mode 'cluster' and the rows' cluster ids"
             )
-        logits = self.base(h)
-        A, B, groups = self._A, self._B, self._groups
-        n_groups, rows = A.shape[0], h.shape[0]
-        if groups.numel() != rows:  # generate() may expand rows (num_return_sequences, beams)
-            if rows % groups.numel():
-                raise ValueError(f"{rows} rows cannot share adapters of {groups.numel()} conditioned rows")
-            groups = groups.repeat_interleave(rows // groups.numel())
-        if n_groups == 1:
-            low = h @ A[0].T  # (..., r)
-            B_cat = B[0]  # (V, r)
-        else:
-            low = torch.einsum("ntd,grd->ntgr", h, A)
-            low = low * F.one_hot(groups, n_groups).to(low.dtype)[:, None, :, None]
-            low = low.flatten(-2)  # (N, T, G*r): each row fills only its group's block
-            B_cat = B.permute(1, 0, 2).reshape(B.shape[1], n_groups * self.r)  # (V, G*r)
-        flat = logits.reshape(-1, logits.shape[-1])
-        # In place: the head's output is not saved for backward, and a second V-wide tensor would
-        # cost a copy of every logit (about a tenth of the head's time on a CPU at GPT-2 scale).
-        flat.addmm_(low.reshape(-1, low.shape[-1]), B_cat.T, alpha=self.scale)
-        return flat.view_as(logits)
+        k = self.lora_A.shape[0]
+        ids = cluster_ids.to(self.lora_A.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k):
+            raise ValueError(f"cluster ids must lie in [0, {k}) for a head with {k} cluster adapters, "
+                             f"got {int(ids.min())}..{int(ids.max())}")
+        unique, groups = torch.unique(ids, return_inverse=True)
+        return self.lora_A[unique], self.lora_B[unique], groups
+
+    def extra_repr(self) -> str:
+        return f"clusters={self.lora_A.shape[0]}, r={self.r}, alpha={self.alpha}"
 
 
 def condition_groups(
@@ -154,8 +284,15 @@ def condition_groups(
 
 
 def hyper_head(model: nn.Module) -> HyperLoRAHead | None:
+    """The model's head if a hyper-network generates its update (``chameleon``, ``chameleon-constant``)."""
     head = model.get_output_embeddings()
     return head if isinstance(head, HyperLoRAHead) else None
+
+
+def conditioned_head(model: nn.Module) -> ConditionedHead | None:
+    """The model's head if its update is chosen per row: it then runs only inside :func:`conditioned`."""
+    head = model.get_output_embeddings()
+    return head if isinstance(head, ConditionedHead) else None
 
 
 @contextmanager
@@ -166,13 +303,48 @@ def conditioned(
     cluster_ids: torch.Tensor | None = None,
     centroids: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Run ``model`` with adapters generated from ``embeddings`` (N, d); a no-op without a hyper head."""
-    head = hyper_head(model)
+    """Run ``model`` with the adapters chosen for ``embeddings`` (N, d); a no-op without a conditioned head."""
+    head = conditioned_head(model)
     if head is None:
         yield
         return
-    head.condition(*condition_groups(embeddings, mode, cluster_ids, centroids))
+    head.condition(embeddings, mode, cluster_ids, centroids)
     try:
         yield
     finally:
         head.clear()
+
+
+@torch.no_grad()
+def adapter_diversity(head: ConditionedHead, centroids: torch.Tensor) -> dict:
+    """How much the head's adapters differ across the training clusters (cluster ``c`` conditioned on its centroid).
+
+    With ``dW_c = scale * B_c A_c`` (V x d): the mean and minimum cosine similarity over pairs of
+    clusters, and the spread ``sqrt(mean_c ||dW_c - mean dW||^2) / mean_c ||dW_c||``. Cosine 1 and
+    spread 0: one adapter for every cluster, whatever the conditioning. No V x d matrix is built:
+    ``<B_i A_i, B_j A_j>_F = tr((B_i^T B_j)(A_j A_i^T))`` takes r x r products, in float64 so that
+    identical adapters give cosine 1 and spread 0 to rounding. An all-zero adapter counts as orthogonal.
+    """
+    was_training = head.training
+    head.eval()  # the adapters the head serves: no dropout
+    try:
+        A, B, _ = head.adapters(centroids, "cluster", torch.arange(len(centroids)), centroids)
+    finally:
+        head.train(was_training)
+    k = A.shape[0]
+    A, B = A.double(), B.double()  # (k, r, d), (k, V, r)
+    BtB = torch.einsum("ivr,jvs->ijrs", B, B)  # (k, k, r, r): B_i^T B_j
+    AAt = torch.einsum("ird,jsd->ijrs", A, A)  # (k, k, r, r): A_i A_j^T, the transpose of A_j A_i^T
+    gram = head.scale**2 * (BtB * AAt).sum((2, 3))  # (k, k): <dW_i, dW_j>_F
+    norms = gram.diagonal().clamp(min=0).sqrt()  # (k,): ||dW_c||_F
+    tiny = torch.finfo(gram.dtype).tiny
+    cosine = gram / (norms[:, None] * norms[None, :]).clamp(min=tiny)
+    pairs = cosine[tuple(torch.triu_indices(k, k, 1))]  # i < j
+    spread = (gram.diagonal().mean() - gram.mean()).clamp(min=0).sqrt()  # sqrt(mean_c ||dW_c - mean dW||^2)
+    return {
+        "clusters": k,
+        "mean_cosine": pairs.mean().item() if k > 1 else None,
+        "min_cosine": pairs.min().item() if k > 1 else None,
+        "relative_spread": (spread / norms.mean().clamp(min=tiny)).item(),
+        "mean_norm": norms.mean().item(),
+    }

@@ -41,9 +41,11 @@ class LoRALayer(nn.Module):
 
     ``init="peft"``: A Kaiming-uniform, B zero (identity at start, as PEFT).
     ``init="paper"``: A and B both ``0.01 * N(0, 1)``, as the published code (not identity).
+    ``tied``: another module holds the same weight (a head tied to the input embedding), so
+    :meth:`merge` must never write it; the ``inject_*`` functions set it.
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, init: str = "peft"):
+    def __init__(self, base: nn.Module, r: int, alpha: float, init: str = "peft", tied: bool = False):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
@@ -61,8 +63,11 @@ class LoRALayer(nn.Module):
         else:
             nn.init.normal_(self.lora_A, std=0.01)
             nn.init.normal_(self.lora_B, std=0.01)
-        self.merged = False
-        self._shared_weight: nn.Parameter | None = None
+        self.tied, self.merged = tied, False
+        # What unmerge restores: the original values (a buffer, so it follows .to() but stays out of
+        # checkpoints), or for a tied weight the shared parameter itself, which its other holder keeps.
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self._tied_weight: nn.Parameter | None = None
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base layer's own weight layout."""
@@ -77,23 +82,38 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the weight for zero-overhead inference.
+        """Fold the update into the weight for zero-overhead inference; :meth:`unmerge` is exact.
 
-        A weight shared with another module (a head tied to the input embedding) is never
-        written in place: the merged layer gets its own copy, so the embedding is unchanged.
+        ``state_dict()`` keys and ``named_parameters()`` names do not change, so a merged model saves
+        under the same names and carries no extra copy of the old weights. The weight's data is
+        swapped, so the parameter object (and an optimizer's reference to it) survives. A tied weight
+        is never written: while merged the base's ``weight`` is a buffer holding the merged copy (a
+        second parameter would add a name), so the input embedding is unchanged.
         """
         if self.merged:
             return
-        self._shared_weight = self.base.weight
-        self.base.weight = nn.Parameter(self._shared_weight + self.delta_weight(), requires_grad=False)
+        weight = self.base.weight
+        merged = weight + self.delta_weight()
+        if self.tied:
+            object.__setattr__(self, "_tied_weight", weight)  # nn.Module would register a parameter
+            del self.base.weight
+            self.base.register_buffer("weight", merged)
+        else:
+            self._unmerged_weight = weight.data
+            weight.data = merged
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base.weight = self._shared_weight
-        self._shared_weight = None
+        if self.tied:
+            del self.base.weight
+            self.base.weight = self._tied_weight
+            self._tied_weight = None
+        else:
+            self.base.weight.data = self._unmerged_weight
+            self._unmerged_weight = None
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -119,6 +139,11 @@ def output_head_name(model: nn.Module) -> str:
         if module is head:
             return name
     raise ValueError("model has no output embedding")
+
+
+def is_tied(model: nn.Module, layer: nn.Module) -> bool:
+    """Whether another module of ``model`` holds ``layer.weight`` (a head tied to the input embedding)."""
+    return any(p is layer.weight for m in model.modules() if m is not layer for p in m.parameters(recurse=False))
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -149,14 +174,15 @@ def inject_lora(
     """
     found = target_modules(model, targets)
     for name, module in found.items():
-        set_module(model, name, LoRALayer(module, r, alpha, init))
+        set_module(model, name, LoRALayer(module, r, alpha, init, tied=is_tied(model, module)))
     return list(found)
 
 
 def inject_head_lora(model: nn.Module, r: int, alpha: float, init: str = "peft") -> str:
     """Wrap the output head; a tied input embedding stays untouched (see ``LoRALayer.merge``)."""
     name = output_head_name(model)
-    set_module(model, name, LoRALayer(model.get_submodule(name), r, alpha, init))
+    head = model.get_submodule(name)
+    set_module(model, name, LoRALayer(head, r, alpha, init, tied=is_tied(model, head)))
     return name
 
 

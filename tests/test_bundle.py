@@ -1,18 +1,24 @@
 """Bundles: exact round trips, and a specific BundleError for every way a bundle can be unusable."""
 
+import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from transformers import BatchEncoding
 
 from chameleon_core import (
     AdapterConfig, BundleError, Clusters, apply_regime, conditioned, export_peft, fit_clusters, load_bundle,
     load_model, mean_embedding, model_fingerprint, save_bundle,
 )
+from chameleon_core.bundle import Points, read_bundle_config, share_bundle, write_checksums
 
+ROOT = Path(__file__).resolve().parents[1]
 METADATA = {"dataset": "synthetic", "steps": 3, "losses": [2.5, 2.25]}
 
 
@@ -135,6 +141,7 @@ def test_adapter_of_another_regime_is_reported(saved, base):
     config = json.loads((saved.path / "config.json").read_text())
     config["adapter"]["regime"] = "lora"
     (saved.path / "config.json").write_text(json.dumps(config))
+    write_checksums(saved.path)  # changed on purpose: without this, the checksum refuses it first
     with pytest.raises(BundleError, match="does not fit regime 'lora': missing \\['lm_head.lora_A'"):
         load_bundle(saved.path, base)
 
@@ -154,3 +161,136 @@ def test_export_peft_refuses_chameleon(tiny_gpt2, tmp_path):
     with pytest.raises(BundleError, match="only static LoRA exports to PEFT; regime 'chameleon'"):
         export_peft(tmp_path, model, trained(model, "chameleon"))
     assert not list(tmp_path.iterdir())
+
+
+def test_changed_bytes_in_adapter_are_named_by_the_checksum(saved, base):
+    adapter = saved.path / "adapter.safetensors"
+    data = bytearray(adapter.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")  # the tensors start after the JSON header
+    middle = (header + len(data)) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    adapter.write_bytes(bytes(data))
+    with safe_open(adapter, "pt") as f:  # still a readable safetensors file: only the checksum can tell
+        assert set(f.keys())
+    with pytest.raises(BundleError, match=f"adapter.safetensors in bundle {saved.path} does not match its recorded checksum"):
+        load_bundle(saved.path, base)
+
+
+def test_config_changed_after_saving_is_refused_until_checksums_are_rewritten(saved):
+    config = json.loads((saved.path / "config.json").read_text())
+    (saved.path / "config.json").write_text(json.dumps({**config, "metadata": {"dataset": "other"}}))
+    with pytest.raises(BundleError, match="config.json in bundle .* does not match its recorded checksum"):
+        read_bundle_config(saved.path)
+    write_checksums(saved.path)
+    assert read_bundle_config(saved.path)["metadata"] == {"dataset": "other"}
+
+
+def test_a_file_listed_in_the_checksums_but_gone_is_named(saved, base):
+    (saved.path / "clusters.safetensors").unlink()
+    with pytest.raises(BundleError, match="is missing clusters.safetensors \\(listed in its checksums.json\\)"):
+        load_bundle(saved.path, base)
+
+
+def test_bundle_without_checksums_loads_with_a_warning_until_they_are_written(saved, base):
+    (saved.path / "checksums.json").unlink()
+    with pytest.warns(UserWarning, match="predates checksums .*write_checksums") as caught:
+        loaded = load_bundle(saved.path, base)
+    assert len([w for w in caught if "checksums" in str(w.message)]) == 1
+    assert torch.equal(conditioned_logits(loaded.model, saved.batch, loaded.clusters), saved.logits)
+    write_checksums(saved.path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_bundle(saved.path, load_model("random:tiny-gpt2")[0])
+    assert not [w for w in caught if "checksums" in str(w.message)]
+
+
+def test_resaving_without_clusters_removes_the_old_ones(saved):
+    model, tokenizer = load_model("random:tiny-gpt2")
+    save_bundle(saved.path, model, tokenizer, trained(model, "lora"))
+    assert not (saved.path / "clusters.safetensors").exists() and not (saved.path / "points.json").exists()
+    assert load_bundle(saved.path, load_model("random:tiny-gpt2")[0]).clusters is None
+
+
+def test_committed_bundles_match_their_checksums():
+    bundles = sorted(ROOT.glob("assets/bundles/*/*/config.json"))
+    assert bundles
+    for config in bundles:
+        recorded = json.loads((config.parent / "checksums.json").read_text())["files"]
+        assert {"adapter.safetensors", "config.json"} <= set(recorded)
+        for name, digest in recorded.items():
+            assert hashlib.sha256((config.parent / name).read_bytes()).hexdigest() == digest, config.parent / name
+
+
+@pytest.mark.parametrize("regime", ["chameleon", "lora"])
+def test_half_precision_bundle_loads_to_float32_with_nearly_the_same_logits(tiny, batch, tmp_path, regime):
+    model, tokenizer = tiny
+    adapter = trained(model, regime)
+    points = Points(torch.randn(4, 64), torch.zeros(4, dtype=torch.long), ["a", "b", "c", "d"])
+    save_bundle(tmp_path / "fp32", model, tokenizer, adapter, points=points)
+    save_bundle(tmp_path / "fp16", model, tokenizer, adapter, points=points, half=True)
+    with safe_open(tmp_path / "fp16" / "adapter.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    full, half = (load_bundle(tmp_path / name, load_model(model.name_or_path)[0]) for name in ("fp32", "fp16"))
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}
+    assert half.points.embeddings.dtype == torch.float32
+    assert torch.allclose(half.points.embeddings, points.embeddings, rtol=2**-10, atol=0)
+    expected, got = conditioned_logits(full.model, batch), conditioned_logits(half.model, batch)
+    effect = (expected - conditioned_logits(load_model(model.name_or_path)[0], batch)).abs().max()
+    # float16 keeps 11 significant bits: each stored weight is off by at most 2**-11 of itself, so the
+    # adapters' share of the logits is off by a small multiple of 2**-11 of that share (the rounding
+    # errors of a dot product partly cancel). Measured: 6e-4 to 9e-4 of it; allowed: 2**-8 (3.9e-3).
+    difference = (got - expected).abs().max()
+    assert 0 < difference < 2**-8 * effect
+
+
+def test_same_name_with_other_weights_is_explained(saved):
+    other, _ = load_model("random:tiny-gpt2", seed=1)
+    with pytest.raises(BundleError, match="same name but different weights .*seed, version or conversion"):
+        load_bundle(saved.path, other)
+
+
+def test_smollm2_mismatch_names_the_hub_and_gguf_difference(saved, base):
+    config = json.loads((saved.path / "config.json").read_text())
+    config.update(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", base_fingerprint="0" * 24)
+    (saved.path / "config.json").write_text(json.dumps(config))
+    write_checksums(saved.path)
+    with pytest.raises(BundleError, match="the hub weights and the dequantized GGUF weights differ") as err:
+        load_bundle(saved.path, base)
+    assert "same name" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rank": "eight"}, "adapter config field 'rank' must be an integer, got 'eight'"),
+        ({"ranks": 4}, "unknown adapter config key 'ranks'; allowed keys: regime, rank, alpha, init, targets"),
+        ({"targets": "c_attn"}, "adapter config field 'targets' must be a list of strings, got 'c_attn'"),
+    ],
+    ids=["wrong-type", "unknown-key", "not-a-list"],
+)
+def test_invalid_adapter_config_is_named(saved, base, change, message):
+    config = json.loads((saved.path / "config.json").read_text())
+    config["adapter"].update(change)
+    (saved.path / "config.json").write_text(json.dumps(config))
+    write_checksums(saved.path)
+    with pytest.raises(BundleError, match=f"config.json in bundle .*: {message}"):
+        load_bundle(saved.path, base)
+
+
+def test_shared_copy_is_half_precision_without_texts_or_tokenizer(tiny_gpt2, texts, tmp_path):
+    model, tokenizer = tiny_gpt2
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    adapter = trained(model, "chameleon")
+    embeddings = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
+    clusters, labels = fit_clusters(embeddings, k=2)
+    path = save_bundle(tmp_path / "full", model, tokenizer, adapter, clusters, METADATA, points=Points(embeddings, labels, texts))
+    shared = share_bundle(path, tmp_path / "shared")
+    assert not (shared / "tokenizer").exists() and json.loads((shared / "points.json").read_text()) == [""] * len(texts)
+    assert all(t.dtype == torch.float16 for t in safetensors.torch.load_file(shared / "adapter.safetensors").values())
+    loaded = load_bundle(shared, load_model("random:tiny-gpt2")[0])
+    assert torch.equal(loaded.points.labels, labels) and torch.equal(loaded.clusters.centroids, clusters.centroids)
+    expected = conditioned_logits(model, batch, clusters)
+    gap = (conditioned_logits(loaded.model, batch, clusters) - expected).abs().max()
+    assert 0 < gap < 1e-2 * expected.abs().max()  # rounded to float16, restored to float32
+    with pytest.raises(BundleError, match="already exists"):
+        share_bundle(path, shared)

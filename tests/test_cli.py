@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from chameleon_core import REGIMES
-from chameleon_core.cli import main
+from chameleon_core.cli import _train_config, build_parser, main
+from chameleon_core.models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +44,134 @@ def test_params_are_consistent_across_regimes(model, capsys):
     matched = regimes["lora-matched"]
     assert matched["trainable"] == matched["lora_rank"] * unit
     assert abs(matched["trainable"] - regimes["chameleon"]["trainable"]) <= unit / 2  # the closest rank
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting a refusal: exit code 2 and exactly one ``error:`` line, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def saved_bundle(folder: Path, regime: str = "chameleon", train_settings: bool = True) -> Path:
+    """A bundle on ``random:tiny-gpt2`` as ``train`` writes it (``train_settings``: with ``metadata.train``)."""
+    from dataclasses import asdict
+
+    from chameleon_core import apply_regime, load_model, save_bundle
+    from chameleon_core.regimes import AdapterConfig
+    from chameleon_core.train import TrainConfig
+
+    model, tokenizer = load_model("random:tiny-gpt2", device="cpu")
+    adapter = apply_regime(model, AdapterConfig(regime, rank=4)).config
+    config = TrainConfig(regime=regime, max_length=48, max_eval_rows=16, batch_size=8, device="cpu")
+    return save_bundle(folder, model, tokenizer, adapter, metadata={"train": asdict(config)} if train_settings else {})
+
+
+def test_train_into_a_file_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    line = one_error_line(capsys, ["train", "--model", "random:tiny-gpt2", "--out", str(tmp_path / "notes.txt")])
+    assert "is a file" in line and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_train_into_a_finished_run_needs_overwrite(tmp_path, capsys):
+    saved_bundle(tmp_path / "run")
+    line = one_error_line(capsys, ["train", "--model", "random:tiny-gpt2", "--out", str(tmp_path / "run")])
+    assert "already holds a bundle (config.json); pass --overwrite" in line
+
+
+def test_evaluate_a_bundle_without_training_settings_is_one_error_line(tmp_path, capsys):
+    line = one_error_line(capsys, ["evaluate", "--bundle", str(saved_bundle(tmp_path / "b", train_settings=False))])
+    assert "records no training configuration (metadata.train)" in line
+
+
+def test_evaluate_a_chameleon_bundle_without_clusters_is_refused(tmp_path, capsys):
+    path = saved_bundle(tmp_path / "b")  # saved without clusters
+    line = one_error_line(capsys, ["evaluate", "--bundle", str(path), "--device", "cpu"])
+    assert "holds no clusters (clusters.safetensors)" in line and "conditioned on each batch" in line
+
+
+def test_evaluate_a_static_bundle_without_clusters_under_the_causal_protocol(tmp_path, capsys):
+    """Static LoRA's per-token loss does not depend on how rows are batched: no clusters needed."""
+    path = saved_bundle(tmp_path / "b", regime="lora")
+    assert main(["evaluate", "--bundle", str(path), "--device", "cpu", "--max-eval-rows", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 16
+
+
+def test_a_bundle_with_a_mistyped_rank_is_one_error_line(tmp_path, capsys):
+    from chameleon_core.bundle import write_checksums
+
+    path = saved_bundle(tmp_path / "b")
+    config = json.loads((path / "config.json").read_text())
+    config["adapter"]["rank"] = "eight"
+    (path / "config.json").write_text(json.dumps(config))
+    write_checksums(path)
+    line = one_error_line(capsys, ["evaluate", "--bundle", str(path), "--device", "cpu"])
+    assert "adapter config field 'rank' must be an integer, got 'eight'" in line
+
+
+def test_alpaca_file_of_numbers_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "alpaca.json").write_text("[1, 2, 3]")
+    line = one_error_line(capsys, ["train", "--model", "random:tiny-gpt2", "--dataset", "alpaca", "--data-dir",
+                                   str(tmp_path / "alpaca.json"), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert "record 0 of" in line and "not an object" in line
+
+
+def test_an_os_error_while_loading_a_model_is_one_error_line(monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr("chameleon_core.cli.load_model", offline)
+    line = one_error_line(capsys, ["params", "--model", "someone/some-model"])
+    assert line == "error: We couldn't connect to 'https://huggingface.co' to load the files. Check your connection."
+
+
+@pytest.mark.parametrize("command", [None, "params", "train", "evaluate", "reproduce", "report", "generate", "bench"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"] if command else ["--help"])
+    assert done.value.code == 0 and "usage: python -m chameleon_core" in capsys.readouterr().out
+
+
+def test_one_set_of_defaults():
+    """Options left out keep TrainConfig's defaults, except the model; every --device defaults to auto."""
+    from dataclasses import replace
+
+    from chameleon_core.train import TrainConfig
+
+    parse = build_parser().parse_args
+    assert _train_config(parse(["train", "--out", "run"])) == replace(TrainConfig(), model=DEFAULT_MODEL)
+    given = _train_config(parse(["train", "--out", "run", "--lr", "0.01", "--k", "4", "--protocol", "paper"]))
+    assert (given.lr, given.k, given.protocol, given.epochs) == (0.01, 4, "paper", TrainConfig().epochs)
+    assert parse(["params"]).model == DEFAULT_MODEL
+    assert parse(["evaluate", "--bundle", "b"]).device == parse(["bench"]).device == "auto"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [([], {"model": DEFAULT_MODEL, "epochs": 3}),
+     (["--profile", "tiny"], {"model": "random:tiny-gpt2", "max_train_rows": 600, "epochs": 2}),
+     (["--profile", "tiny", "--epochs", "1"], {"model": "random:tiny-gpt2", "epochs": 1}),
+     (["--profile", "paper"], {"model": "gpt2", "dataset": "wikitext", "max_length": 256, "epochs": 10}),
+     (["--profile", "paper", "--dataset", "alpaca"], {"model": "gpt2", "dataset": "alpaca", "max_length": 512})],
+)
+def test_reproduce_starts_from_its_profile(tmp_path, monkeypatch, capsys, argv, expected):
+    calls = []
+    monkeypatch.setattr("chameleon_core.cli.reproduce", lambda config, out, *args, **kwargs: calls.append(config))
+    monkeypatch.setattr("chameleon_core.cli.results_markdown", lambda results: "")
+    assert main(["reproduce", "--out", str(tmp_path), "--collect-only", *argv]) == 0
+    assert {key: getattr(calls[0], key) for key in expected} == expected
+
+
+def test_share_bundle_writes_a_half_precision_copy_and_refuses_an_existing_folder(tmp_path, capsys):
+    from chameleon_core import AdapterConfig, apply_regime, load_model, save_bundle
+
+    model, tokenizer = load_model("random:tiny-gpt2")
+    save_bundle(tmp_path / "run", model, tokenizer, apply_regime(model, AdapterConfig(regime="lora")).config)
+    assert main(["share-bundle", "--bundle", str(tmp_path / "run"), "--out", str(tmp_path / "shared")]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle"] == str(tmp_path / "shared")
+    assert not (tmp_path / "shared" / "tokenizer").exists()
+    assert main(["share-bundle", "--bundle", str(tmp_path / "run"), "--out", str(tmp_path / "shared")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already exists" in err and err.count("\n") == 1

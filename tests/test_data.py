@@ -102,6 +102,28 @@ def test_alpaca_bad_files_raise(tmp_path):
         load_dataset_splits("alpaca", empty)
 
 
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([1, 2, 3], "record 0 of .* is 1, not an object: Alpaca records must be JSON objects"),
+        ([{"instruction": "x", "output": "y"}, {"instruction": None, "output": "z"}],
+         "field 'instruction' of record 1 of .* must be a string, got null"),
+        ([{"instruction": "x", "input": ["a"], "output": "y"}], "field 'input' of record 0 of .* must be a string"),
+    ],
+    ids=["not-objects", "null-instruction", "list-input"],
+)
+def test_alpaca_records_of_the_wrong_shape_are_named(tmp_path, rows, message):
+    with pytest.raises(ValueError, match=message):
+        load_alpaca(write_alpaca(tmp_path / "bad.json", rows))
+
+
+def test_malformed_alpaca_json_names_the_file_and_position(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"instruction": "x",\n  "output": }]', encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{path} is not valid JSON: Expecting value \\(line 2 column 13\\)$"):
+        load_dataset_splits("alpaca", path)
+
+
 def test_split_rejects_impossible_fractions():
     records = [Record("", str(i), str(i)) for i in range(3)]
     with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):

@@ -1,12 +1,15 @@
-"""Hyper-LoRA head: published parameter counts, per-row adapters in one pass, training, generation."""
+"""Hyper-LoRA head: published parameter counts, per-row adapters in one pass, training, generation,
+and the adapter-diversity diagnostic."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from chameleon_core import (
     AdapterConfig, HyperLoRAHead, apply_regime, condition_groups, conditioned, hyper_head, mean_embedding,
     trainable_parameters,
 )
+from chameleon_core.hyper_head import ClusterLoRAHead, adapter_diversity
 
 CLUSTERS = torch.tensor([3, 1, 3, 0])  # rows 0 and 2 share a cluster; ids need not be 0..G-1
 
@@ -170,3 +173,110 @@ def test_apply_regime_keeps_eval_mode(tiny, batch, logits):
     with torch.no_grad():
         cond = embeddings.mean(0, keepdim=True)
         assert not torch.equal(hyper_head(model).hyper(cond)[1], hyper_head(model).hyper(cond)[1])  # dropout is real
+
+
+@pytest.fixture
+def many_rows(tiny, randomize_lora):
+    """A chameleon model with a distinct head update per group, and 20 unpadded rows of random tokens."""
+    model, _ = tiny
+    apply_regime(model, AdapterConfig("chameleon", rank=4))
+    randomize_lora(model)
+    with torch.no_grad():
+        hyper_head(model).hyper.net[-1].weight.normal_(std=0.2)
+    ids = torch.randint(model.config.vocab_size, (20, 6))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("mode, n_groups", [("cluster", 16), ("example", 20)])
+def test_many_groups_in_one_pass_equal_each_group_alone(many_rows, logits, mode, n_groups):
+    """16 clusters in 20 rows, and every row its own group: the gathered pass equals each group run alone."""
+    model, batch = many_rows
+    embeddings = mean_embedding(model, batch["input_ids"])
+    centroids = F.normalize(torch.randn(n_groups, embeddings.shape[1]), dim=-1)
+    cluster_ids = torch.randperm(20) % n_groups  # every cluster present, rows of a cluster scattered
+    with conditioned(model, embeddings, mode, cluster_ids, centroids):
+        mixed = logits(model, batch)
+    with conditioned(model, embeddings, "batch"):
+        assert (logits(model, batch) - mixed).abs().max() > 1e-2  # per-group adapters really differ
+    for g in range(n_groups):
+        index = (cluster_ids == g).nonzero().flatten().tolist() if mode == "cluster" else [g]
+        cond = centroids[g : g + 1] if mode == "cluster" else embeddings[g : g + 1]
+        with conditioned(model, cond, "batch"):
+            alone = logits(model, {key: value[index] for key, value in batch.items()})
+        assert (mixed[index] - alone).abs().max() <= 1e-5
+
+
+def _summed_loss(model, batch) -> torch.Tensor:
+    ids = batch["input_ids"]
+    out = model(**batch).logits
+    return F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+
+
+def test_mixed_batch_gradients_are_the_sum_of_each_groups(many_rows):
+    """The gather's backward routes each row's gradient to its own group's generated adapter."""
+    model, batch = many_rows
+    model.eval()  # no dropout: the mixed and the separate passes generate the same adapters
+    params = [p for p in model.parameters() if p.requires_grad]
+    embeddings = mean_embedding(model, batch["input_ids"])
+    cluster_ids = torch.arange(20) % 16
+    centroids = F.normalize(torch.randn(16, embeddings.shape[1]), dim=-1)
+    with conditioned(model, embeddings, "cluster", cluster_ids, centroids):
+        mixed = torch.autograd.grad(_summed_loss(model, batch), params)
+    separate = [torch.zeros_like(p) for p in params]
+    for g in range(16):
+        rows = {key: value[cluster_ids == g] for key, value in batch.items()}
+        with conditioned(model, centroids[g : g + 1], "batch"):
+            for total, grad in zip(separate, torch.autograd.grad(_summed_loss(model, rows), params)):
+                total += grad
+    hyper = {id(p) for p in hyper_head(model).hyper.parameters()}
+    assert all(g.abs().sum() > 0 for p, g in zip(params, mixed) if id(p) in hyper)
+    for a, b in zip(mixed, separate):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _dense_diversity(delta: torch.Tensor) -> dict:
+    """The diagnostic on materialised updates ``delta`` (k, V, d): the reference for the factored one."""
+    flat = delta.flatten(1)
+    k = len(flat)
+    cosine = F.cosine_similarity(flat[:, None], flat[None], dim=-1)[tuple(torch.triu_indices(k, k, 1))]
+    norms = flat.norm(dim=1)
+    spread = (flat - flat.mean(0)).pow(2).sum(1).mean().sqrt()
+    return {"clusters": k, "mean_cosine": cosine.mean().item(), "min_cosine": cosine.min().item(),
+            "relative_spread": (spread / norms.mean()).item(), "mean_norm": norms.mean().item()}
+
+
+@pytest.mark.parametrize("kind", ["hyper", "per-cluster"])
+def test_adapter_diversity_equals_the_dense_computation(kind):
+    base = torch.nn.Linear(12, 30)
+    centroids = F.normalize(torch.randn(5, 6), dim=-1)
+    if kind == "hyper":
+        head = HyperLoRAHead(base, cond_dim=6, r=3, alpha=6.0, hidden=(8,), dropout=0.5)
+        with torch.no_grad():
+            head.hyper.net[-1].weight.normal_(std=0.3)
+        head.eval()
+        A, B = head.hyper(centroids)  # cluster c conditioned on its centroid
+        head.train()  # the diagnostic must switch dropout off itself
+    else:
+        head = ClusterLoRAHead(base, clusters=5, r=3, alpha=3.0)
+        with torch.no_grad():
+            head.lora_B.normal_()
+        A, B = head.lora_A, head.lora_B
+    found = adapter_diversity(head, centroids)
+    assert head.training  # the head's mode is restored
+    expected = _dense_diversity(head.scale * B.detach().double() @ A.detach().double())  # (k, V, d): the reference
+    assert found == pytest.approx(expected, rel=1e-9)
+    assert -1 < found["min_cosine"] < found["mean_cosine"] < 1 and found["relative_spread"] > 0.1
+
+
+def test_adapter_diversity_of_a_constant_input_head_is_one_adapter(tiny):
+    model, _ = tiny
+    apply_regime(model, AdapterConfig("chameleon-constant", rank=4))
+    with torch.no_grad():
+        hyper_head(model).hyper.net[-1].weight.normal_(std=0.2)
+    centroids = F.normalize(torch.randn(7, model.config.hidden_size), dim=-1)
+    found = adapter_diversity(hyper_head(model), centroids)
+    assert found["clusters"] == 7 and found["mean_norm"] > 1
+    assert found["mean_cosine"] == pytest.approx(1, abs=1e-12) and found["min_cosine"] == pytest.approx(1, abs=1e-12)
+    assert found["relative_spread"] <= 1e-6  # zero up to float64 rounding of a difference of equal sums
+    one = adapter_diversity(hyper_head(model), centroids[:1])
+    assert one["mean_cosine"] is None and one["min_cosine"] is None and one["relative_spread"] == 0

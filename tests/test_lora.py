@@ -95,13 +95,44 @@ def test_merge_then_unmerge_is_exact(tiny, batch, logits, randomize_lora):
     unmerged = logits(model, batch)
     merge_lora(model)
     assert all(layer.merged for layer in lora_layers(model).values())
-    assert all(layer.base.weight is not originals[name][0] for name, layer in lora_layers(model).items())
+    assert not any(torch.equal(layer.base.weight, originals[name][1]) for name, layer in lora_layers(model).items())
     assert (logits(model, batch) - unmerged).abs().max() <= 1e-5
     unmerge_lora(model)
     for name, layer in lora_layers(model).items():
         assert layer.base.weight is originals[name][0]
         assert torch.equal(layer.base.weight, originals[name][1])
     assert (logits(model, batch) - unmerged).abs().max() <= 1e-5
+
+
+def test_unmerge_after_moving_a_merged_model_restores_the_moved_originals(tiny, randomize_lora):
+    """The kept originals follow ``.to()``, and the tied head gets the embedding back, not a copy."""
+    model, _ = tiny
+    apply_regime(model, AdapterConfig("lora", rank=RANK, alpha=ALPHA))
+    randomize_lora(model)
+    originals = {name: layer.base.weight.double() for name, layer in lora_layers(model).items()}
+    merge_lora(model)
+    model.double()
+    unmerge_lora(model)
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(layer.base.weight, originals[name])
+    assert model.get_output_embeddings().base.weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("regime", ["lora", "chameleon"])  # chameleon merges the layer LoRA only
+def test_merge_and_unmerge_keep_state_dict_keys_and_parameter_names(tiny, randomize_lora, regime):
+    """A merged model saves under the unmerged model's names, with no extra copy of the old weights."""
+    model, _ = tiny
+    apply_regime(model, AdapterConfig(regime, rank=RANK, alpha=ALPHA))
+    randomize_lora(model)
+
+    def names() -> tuple[list[str], list[str]]:
+        return list(model.state_dict()), [name for name, _ in model.named_parameters()]
+
+    applied = names()
+    merge_lora(model)
+    assert names() == applied
+    unmerge_lora(model)
+    assert names() == applied
 
 
 def test_merging_a_tied_head_leaves_the_input_embedding_alone(tiny_gpt2, randomize_lora):

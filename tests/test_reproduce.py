@@ -12,7 +12,7 @@ import pytest
 
 from chameleon_core import reproduce as reproduce_module
 from chameleon_core.report import write_readme
-from chameleon_core.reproduce import ABLATIONS, HEADLINE, SHUFFLED, comparisons
+from chameleon_core.reproduce import ABLATIONS, HEADLINE, SHUFFLED, comparisons, results_markdown
 from chameleon_core.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,25 @@ def test_reproduce_tiny_shows_the_copy_task_and_a_real_gain(tiny_results):
     for regime in ("lora", "chameleon"):
         assert causal["table"][regime]["val_loss"]["mean"] < causal["table"]["base"]["val_loss"]["mean"]
     assert causal["table"]["chameleon"]["trainable_parameters"] > causal["table"]["lora"]["trainable_parameters"]
+
+
+def test_reproduce_tiny_measures_how_much_the_cluster_adapters_differ(tiny_results):
+    results = json.loads((tiny_results / "results.json").read_text())
+    conditioned_heads = {"chameleon", "chameleon-constant", "lora-per-cluster"} | {
+        name for name in ABLATIONS if name.startswith("chameleon, ")
+    }
+    for block in results["protocols"].values():
+        diversity = block["adapter_diversity"]
+        assert set(diversity) == conditioned_heads  # and no static-head row
+        assert all(row["clusters"] == block["k"] for row in diversity.values())
+        constant = diversity["chameleon-constant"]
+        assert constant["min_cosine"]["mean"] == pytest.approx(1, abs=1e-9) and constant["relative_spread"]["mean"] < 1e-6
+        assert diversity["lora-per-cluster"]["mean_cosine"]["mean"] < 0.99  # each trained on its own cluster
+        assert diversity["chameleon"]["relative_spread"]["mean"] > constant["relative_spread"]["mean"]
+    markdown = (tiny_results / "results.md").read_text()
+    assert markdown.count("| Regime | Clusters | Mean cosine | Min cosine |") == 2
+    for block in results["protocols"].values():
+        assert f"| chameleon-constant | {block['k']} | 1.000000 | 1.000000 | 0.0000 |" in markdown
 
 
 def test_readme_figures_are_generated_from_the_committed_results(tmp_path):
@@ -148,6 +167,22 @@ def test_only_trains_the_named_rows_and_gathers_the_rest(tmp_path, monkeypatch):
     block = results["protocols"]["causal"]
     assert list(block["table"]) == ["chameleon, random batches"] and block["table"]["chameleon, random batches"]["seeds"] == [0, 1, 2]
     assert "chameleon" in block["not_run"] and "paper" not in results["protocols"]  # nothing finished there
+
+
+def test_adapter_diversity_is_aggregated_over_seeds(tmp_path, monkeypatch):
+    def fake(config, folder, **_):
+        run = _fake_run(config)
+        run["adapter_diversity"] = {"clusters": 2, "mean_cosine": 0.5 + config.seed / 10, "min_cosine": None,
+                                    "relative_spread": 0.25, "mean_norm": 2.0}
+        return run
+
+    monkeypatch.setattr(reproduce_module, "train", fake)
+    results = reproduce_module.reproduce(TrainConfig(), tmp_path, ablation_seeds=[0, 1], show_progress=False,
+                                         only={"causal/lora-per-cluster"})
+    row = results["protocols"]["causal"]["adapter_diversity"]["lora-per-cluster"]
+    assert row["mean_cosine"] == {"mean": pytest.approx(0.55), "std": pytest.approx(math.sqrt(0.005)), "n": 2}
+    assert "min_cosine" not in row and row["relative_spread"] == {"mean": 0.25, "std": 0.0, "n": 2}
+    assert "| lora-per-cluster | 2 | 0.550000 ± 0.070711 | - | 0.2500 ± 0.0000 | 2.0000 ± 0.0000 | 2 |" in results_markdown(results)
 
 
 def test_only_refuses_a_row_outside_the_grid_before_writing_anything(tmp_path):

@@ -3,10 +3,14 @@
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
+import torch
 
 from chameleon_core.bundle import load_bundle
+from chameleon_core.cli import main
+from chameleon_core.protocols import PROTOCOLS, CausalProtocol
 from chameleon_core.train import TrainConfig, batches, prepare, train
 
 TINY = dict(model="random:tiny-gpt2", dataset="synthetic", max_length=96, max_train_rows=192, max_eval_rows=48, batch_size=16)
@@ -80,3 +84,102 @@ def test_bundle_written_by_training_evaluates_to_the_same_loss(tmp_path):
     evaluated = json.loads(out.stdout)
     assert evaluated["split"] == result["eval_split"]
     assert evaluated["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-5)
+
+
+class BatchMeanCausal(CausalProtocol):
+    """A third protocol, defined only here: causal scoring, the split's loss a mean of per-batch means, and
+    the evaluation split clustered on itself."""
+
+    name = "batch-mean-causal"
+    transductive = True
+    loss_depends_on_batches = True
+
+    def split_loss(self, sums: list[float], counts: list[int]) -> float:
+        return sum(s / n for s, n in zip(sums, counts)) / len(sums)
+
+
+@pytest.mark.parametrize("protocol, k", [("causal", None), ("paper", 3), (BatchMeanCausal.name, 3)])
+def test_evaluate_prepares_the_split_as_training_did(tmp_path, monkeypatch, capsys, protocol, k):
+    """``evaluate`` on a run's bundle gives the run's final eval: the same rows and batches, the transductive
+    k included. The third protocol is one registered class: training, evaluation and the CLI need no change."""
+    monkeypatch.setitem(PROTOCOLS, BatchMeanCausal.name, BatchMeanCausal())
+    run = tmp_path / "run"
+    assert main(["train", "--model", "random:tiny-gpt2", "--dataset", "synthetic", "--max-length", "64",
+                 "--max-train-rows", "64", "--batch-size", "16", "--epochs", "1", "--protocol", protocol,
+                 "--device", "cpu", "--out", str(run), *(["--k", str(k)] if k else [])]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--bundle", str(run), "--device", "cpu"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert (evaluated["protocol"], evaluated["split"]) == (protocol, trained["eval_split"])
+    assert evaluated["targets"] == trained["eval"]["targets"]
+    assert evaluated["loss"] == pytest.approx(trained["eval"]["loss"], rel=1e-6)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail on any model loading: the refusals below must come before loading or training anything."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the run folder was checked")
+
+    monkeypatch.setattr("chameleon_core.train.load_model", refuse)
+
+
+def finished(folder, config: TrainConfig) -> dict:
+    """A folder holding a finished run of ``config`` (its metrics are all the checks read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = {"config": json.loads(json.dumps(asdict(config))), "complete": True, "eval": {"loss": 1.5}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def test_resume_refuses_a_finished_run_of_another_configuration_naming_what_differs(tmp_path, no_model):
+    recorded = TrainConfig(**{**TINY, "batch_size": 1000})
+    metrics = finished(tmp_path / "run", recorded)
+    assert train(recorded, tmp_path / "run", resume=True) == metrics  # the same configuration: returned as it is
+    changed = TrainConfig(**{**TINY, "lr": 0.01, "batch_size": 32})
+    with pytest.raises(ValueError, match=r"different configuration \(a finished run \(metrics.json\): "
+                                         r"lr: 0.0005 -> 0.01, batch_size: 1000 -> 32\)"):
+        train(changed, tmp_path / "run", resume=True)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration_before_loading(tmp_path, no_model):
+    (tmp_path / "run").mkdir()
+    torch.save({"config": asdict(TrainConfig(**TINY, regime="lora"))}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"an unfinished run \(checkpoint.pt\): regime: 'lora' -> 'chameleon'\)"):
+        train(TrainConfig(**TINY, regime="chameleon"), tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize("held", ["finished", "checkpoint"])
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, no_model, held):
+    config = TrainConfig(**TINY)
+    if held == "finished":
+        finished(tmp_path / "run", config)
+    else:
+        (tmp_path / "run").mkdir()
+        torch.save({"config": asdict(config)}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="already holds .*; pass --overwrite to replace it, --resume to continue it"):
+        train(config, tmp_path / "run")
+    with pytest.raises(ValueError, match="pass one of them"):
+        train(config, tmp_path / "run", resume=True, overwrite=True)
+
+
+def test_overwrite_replaces_a_finished_run(tmp_path):
+    finished(tmp_path / "run", TrainConfig(**{**TINY, "lr": 0.01}))
+    config = TrainConfig(**{**TINY, "max_train_rows": 48, "max_eval_rows": 16, "max_length": 48}, regime="lora", epochs=1)
+    result = train(config, tmp_path / "run", overwrite=True, show_progress=False)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"] == result["config"] == asdict(config)
+    assert train(config, tmp_path / "run", resume=True) == json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [("file", "is a file; choose a folder"), ("under-file", "lies under .*a.txt, which is a file"),
+     ("too-long", "cannot create the run folder .*File name too long")],
+)
+def test_an_unusable_out_is_refused_before_loading(tmp_path, no_model, where, message):
+    (tmp_path / "a.txt").write_text("notes")
+    out = {"file": tmp_path / "a.txt", "under-file": tmp_path / "a.txt" / "run", "too-long": tmp_path / ("x" * 300)}[where]
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**TINY), out)
+    assert (tmp_path / "a.txt").read_text() == "notes"

@@ -1,0 +1,325 @@
+"""The demo's backend: a bundle set, its base model, static LoRA and ChameleonLLM answering the same prompts.
+
+A *bundle set* is a folder holding a ``lora/`` and a ``chameleon/`` bundle trained on the same data.
+This module finds the set for a model (by its weights' fingerprint) or builds a small one, maps the
+training points in 2-D, and compares the three models on new prompts through :mod:`.inference`.
+The app and the ``generate`` command's bundle-set form use it. Serving a set never imports
+training; only :func:`build_bundle_set` does, when it trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import pickle
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .bundle import Bundle, BundleError, Points, load_bundle, read_bundle_config
+from .clustering import Clusters
+from .embeddings import default_cache_dir
+from .hyper_head import hyper_head
+from .inference import (
+    AdapterView,
+    Assignment,
+    FittedPrompts,
+    adapter_summary,
+    assign,
+    check_settings,
+    embed_prompts,
+    fit_prompts,
+    generate,
+)
+from .models import load_model, model_fingerprint
+
+COMPARED = {"base": "Base", "lora": "Static LoRA", "chameleon": "ChameleonLLM"}  # regime -> display name
+MIN_UMAP_POINTS = 30  # fewer training points than this are projected with PCA
+# A demo set built on first start: one epoch of static LoRA and of ChameleonLLM, small enough to
+# train in about half an hour on 2 CPU cores with SmolLM2 (rows of up to 128 tokens, 63 steps).
+DEMO_SETTINGS = {"epochs": 1, "max_train_rows": 1000, "max_eval_rows": 200, "max_length": 128, "batch_size": 16,
+                 "lr": 1e-3}
+_MARKUP = re.compile(r"<[A-Za-z!/?][^<>]*>|&(?:[A-Za-z]+|#\d+|#x[0-9A-Fa-f]+);")
+
+Progress = Callable[[float, str], None]
+
+
+def _silent(fraction: float, message: str) -> None:
+    pass
+
+
+def markup_prompts(prompts: list[str]) -> list[int]:
+    """1-based numbers of the prompts that look like HTML/XML (they are still used as plain text)."""
+    return [number for number, prompt in enumerate(prompts, start=1) if _MARKUP.search(prompt)]
+
+
+# ---------------------------------------------------------------- 2-D map of the training points
+@dataclass
+class Projection:
+    """A 2-D map fitted once on training embeddings; ``transform`` places new prompts on it."""
+
+    method: str  # "umap" or "pca"
+    reducer: object
+    coords: np.ndarray  # (n, 2) the training points
+
+    def transform(self, embeddings: torch.Tensor) -> np.ndarray:
+        return np.asarray(self.reducer.transform(embeddings.float().cpu().numpy()))
+
+
+_PROJECTIONS: dict[str, Projection] = {}
+_PROJECTION_LOCK = threading.Lock()
+
+
+def fit_projection(embeddings: torch.Tensor, seed: int = 0, cache_dir: str | Path | None = None) -> Projection:
+    """UMAP (PCA below ``MIN_UMAP_POINTS`` points), cached in memory and on disk by content.
+
+    The disk cache lives in the user's cache folder, never in a bundle: it is a pickle, and a
+    bundle is data that may come from anyone.
+    """
+    points = embeddings.float().cpu().numpy()
+    method = "umap" if len(points) >= MIN_UMAP_POINTS else "pca"
+    key = hashlib.blake2b(f"{method}:{seed}:{points.shape}".encode() + points.tobytes(), digest_size=16).hexdigest()
+    file = Path(cache_dir or default_cache_dir()) / "projections" / f"{key}.pkl"
+    with _PROJECTION_LOCK:
+        if key in _PROJECTIONS:
+            return _PROJECTIONS[key]
+        if file.is_file():
+            projection = pickle.loads(file.read_bytes())
+        else:
+            if method == "umap":
+                import umap
+
+                reducer = umap.UMAP(n_neighbors=15, random_state=seed, n_jobs=1)
+            else:
+                from sklearn.decomposition import PCA
+
+                reducer = PCA(n_components=min(2, *points.shape), random_state=seed)
+            coords = reducer.fit_transform(points)
+            projection = Projection(method, reducer, np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))))
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(projection))
+            tmp.replace(file)
+        _PROJECTIONS[key] = projection
+        return projection
+
+
+# ---------------------------------------------------------------- bundle sets
+def check_bundle_set(path: Path, fingerprint: str) -> None:
+    """Raise a :class:`BundleError` saying why ``path`` is not a lora/ + chameleon/ set for this model
+    (missing, corrupt, or trained on other weights)."""
+    for name in ("lora", "chameleon"):
+        config = read_bundle_config(path / name)  # names a missing, corrupt or changed file itself
+        if config["base_fingerprint"] != fingerprint:
+            raise BundleError(f"{path / name} was trained on other base weights ({config['base_model']!r}, fingerprint "
+                              f"{config['base_fingerprint']}; this model's is {fingerprint})")
+
+
+def find_bundle_set(root: str | Path, model: PreTrainedModel) -> Path | None:
+    """The first bundle set under ``root`` (by name) trained on ``model``, or None.
+
+    Sets for other models are skipped quietly; a set that names this model's fingerprint but
+    fails its checks (a corrupt file) is reported rather than skipped, so it is never rebuilt over.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    fingerprint = model_fingerprint(model)
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            check_bundle_set(path, fingerprint)
+            return path
+        except BundleError:
+            if _names_fingerprint(path, fingerprint):
+                raise
+    return None
+
+
+def _names_fingerprint(path: Path, fingerprint: str) -> bool:
+    """Whether a config.json under ``path`` claims ``fingerprint`` (read without any check)."""
+    for name in ("lora", "chameleon"):
+        try:
+            if json.loads((path / name / "config.json").read_text()).get("base_fingerprint") == fingerprint:
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
+def infer_dataset(data_dir: str | Path | None) -> str:
+    """``synthetic`` without data; a local folder is WikiText-2 if it holds ``wiki.valid.raw``, else Alpaca."""
+    if data_dir is None:
+        return "synthetic"
+    return "wikitext" if (Path(data_dir) / "wiki.valid.raw").is_file() else "alpaca"
+
+
+def demo_set_name(model_name: str, dataset: str) -> str:
+    """``gpt2-synthetic``, ``stories260K-hf-wikitext``, ``random-tiny-gpt2-synthetic``..."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{Path(model_name).name}-{dataset}").strip("-")
+
+
+def build_bundle_set(
+    model_name: str, out: str | Path, dataset: str = "synthetic", data_dir: str | None = None, seed: int = 0,
+    settings: dict | None = None, progress: Progress = _silent,
+) -> Path:
+    """Train a static-LoRA and ChameleonLLM pair on the same data (``settings``: default :data:`DEMO_SETTINGS`).
+
+    Training happens in ``<out>.partial`` (an interrupted build resumes there) and the folder is
+    renamed when both bundles are done, so ``out`` is never half written.
+    """
+    from .train import train_bundle
+
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    bar = tqdm(total=100, desc=f"building {out.name}", unit="%")
+    for step, regime in enumerate(("lora", "chameleon")):
+
+        def report(fraction: float, message: str, step: int = step, regime: str = regime) -> None:
+            done = (step + fraction) / 2
+            bar.update(round(100 * done) - bar.n)
+            progress(done, f"training {COMPARED[regime]}: {message}")
+
+        train_bundle(model_name, dataset, regime, partial / regime, data_dir=data_dir, seed=seed, progress=report,
+                     **(DEMO_SETTINGS if settings is None else settings))
+    bar.close()
+    shutil.move(partial, out)
+    return out
+
+
+class BundleSet:
+    """A base model with its static-LoRA and ChameleonLLM bundles, ready to compare on new prompts.
+
+    One lock serialises the models: the hyper head holds its conditioning while it generates.
+    """
+
+    def __init__(self, path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: Bundle, chameleon: Bundle):
+        if chameleon.adapter.regime != "chameleon" or hyper_head(chameleon.model) is None:
+            raise BundleError(f"{path}/chameleon holds a {chameleon.adapter.regime!r} bundle, not a ChameleonLLM one")
+        if lora.adapter.regime not in ("lora", "lora-head", "lora-matched"):
+            raise BundleError(f"{path}/lora holds a {lora.adapter.regime!r} bundle, not a static LoRA one")
+        if chameleon.clusters is None:
+            raise BundleError(f"{path}/chameleon holds no trained clusters (clusters.safetensors)")
+        self.path, self.model, self.tokenizer, self.lora, self.chameleon = path, model, tokenizer, lora, chameleon
+        clusters = chameleon.clusters
+        self.points = chameleon.points or Points(clusters.centroids, torch.arange(clusters.k), [f"centroid {c}" for c in range(clusters.k)])
+        self.template = chameleon.metadata.get("prompt_template", "{prompt}")
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> BundleSet:
+        """Each bundle gets its own copy of ``model``; ``model`` itself stays the unadapted base."""
+        path = Path(path)
+        lora, chameleon = (load_bundle(path / name, copy.deepcopy(model)) for name in ("lora", "chameleon"))
+        return cls(path, model, tokenizer, lora, chameleon)
+
+    @property
+    def clusters(self) -> Clusters:
+        return self.chameleon.clusters
+
+    @functools.cached_property
+    def projection(self) -> Projection:
+        """The 2-D map of the training points, fitted on first use."""
+        projection = fit_projection(self.points.embeddings)
+        projection.transform(self.points.embeddings[:1])  # compiles UMAP's transform now, not on a first request
+        return projection
+
+    def place(self, embeddings: torch.Tensor) -> np.ndarray:
+        """(N, 2) map coordinates of new inputs, next to the training points' ``projection.coords``."""
+        with self.lock:
+            return self.projection.transform(embeddings)
+
+    def describe(self) -> dict:
+        """What the set was trained on, for a status line."""
+        meta = self.chameleon.metadata
+        train = meta.get("train", {})
+        return {"path": str(self.path), "base_model": self.chameleon.base_model, "dataset": meta.get("dataset", "?"),
+                "train": {"rows": meta.get("rows", {}).get("train", train.get("max_train_rows")), **{key: train.get(key) for key in ("rank", "epochs", "lr", "batch_size", "max_length")}},
+                "prompt_format": "the Alpaca template" if "### Instruction" in self.template else "plain text",
+                "k": self.clusters.k, "points": len(self.points.texts),
+                "metrics": {regime: bundle.metadata.get("metrics", {}) for regime, bundle in (("lora", self.lora), ("chameleon", self.chameleon))}}
+
+    def compare(
+        self, prompts: list[str], mode: str = "centroids", k: int = 3, max_new_tokens: int = 32,
+        do_sample: bool = False, seed: int = 0, progress: Progress = _silent,
+    ) -> Comparison:
+        """Cut, embed, assign, generate with all three models and summarise the generated adapters.
+
+        Every step reads the same cut prompts (:func:`fit_prompts`); an :class:`InputError` says
+        what to change when a setting is out of range or the request exceeds its token budget.
+        """
+        mode, k, max_new_tokens, seed, _ = check_settings(mode, k, max_new_tokens, seed)
+        with self.lock:  # the tokenizer too: a fast tokenizer is not safe to call from two threads at once
+            progress(0.0, "embedding the prompts")
+            fitted = fit_prompts(self.model, self.tokenizer, prompts, max_new_tokens, self.template)
+            embeddings = embed_prompts(self.chameleon, fitted.conditions)
+            assignment = assign(self.chameleon, embeddings, mode, k, seed)
+            settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed)
+            generations = {}
+            for step, (regime, model, tokenizer) in enumerate(
+                (("base", self.model, self.tokenizer), ("lora", self.lora.model, self.lora.tokenizer),
+                 ("chameleon", self.chameleon.model, self.chameleon.tokenizer))
+            ):
+                progress(0.1 + 0.28 * step, f"generating with {COMPARED[regime]}")
+                generations[regime] = generate(model, tokenizer, fitted.texts, embeddings, assignment.labels, assignment.centroids, **settings)
+            progress(0.95, "summarising the adapters")
+            adapters = adapter_summary(self.chameleon, fitted.texts, assignment)
+        return Comparison(prompts, fitted, embeddings, assignment, generations, adapters)
+
+
+@dataclass
+class Comparison:
+    prompts: list[str]  # as the user gave them
+    fitted: FittedPrompts  # as the models read them (cut where they had to be)
+    embeddings: torch.Tensor  # (N, d) as they conditioned the hyper-network
+    assignment: Assignment
+    generations: dict[str, list[str]]  # regime -> one continuation per prompt
+    adapters: list[AdapterView]
+
+    def rows(self) -> list[dict]:
+        """One record per prompt: its cluster, distance and the three continuations."""
+        return [
+            {"prompt": prompt, "cluster": int(self.assignment.labels[i]), "distance": float(self.assignment.distances[i]),
+             **{regime: self.generations[regime][i] for regime in COMPARED}}
+            for i, prompt in enumerate(self.prompts)
+        ]
+
+
+def open_bundle_set(
+    model_name: str, bundle: str | Path | None = None, root: str | Path | None = None, dataset: str | None = None,
+    data_dir: str | None = None, build: bool = True, max_train_rows: int | None = DEMO_SETTINGS["max_train_rows"],
+    progress: Progress = _silent,
+) -> BundleSet:
+    """Load ``model_name`` and the bundle set for it: ``bundle`` if given, else the first fitting set
+    under ``root``, else (``build``) a demo set trained now and kept under ``root``."""
+    progress(0.0, f"loading {model_name}")
+    model, tokenizer = load_model(model_name)
+    if bundle is not None:
+        path = Path(bundle)
+        try:
+            check_bundle_set(path, model_fingerprint(model))
+        except BundleError as err:
+            raise BundleError(f"{path} is not a bundle set for {model_name}: {err}") from None
+    else:
+        path = find_bundle_set(root, model) if root is not None else None
+        if path is None:
+            dataset = dataset or infer_dataset(data_dir)
+            if not build or root is None:
+                raise BundleError(f"no bundle set for {model_name} found under {root}; build one with "
+                                  f"`python app.py --model {model_name} --build-only`")
+            out = Path(root) / demo_set_name(model_name, dataset)
+            if out.exists():
+                raise BundleError(f"{out} exists but was not trained on {model_name}; move it away or pass --bundle")
+            path = build_bundle_set(model_name, out, dataset, data_dir,
+                                    settings={**DEMO_SETTINGS, "max_train_rows": max_train_rows}, progress=lambda f, m: progress(0.05 + 0.85 * f, m))
+    progress(0.9, f"loading the bundle set {path.name}")
+    return BundleSet.load(path, model, tokenizer)

@@ -1,0 +1,113 @@
+"""Bounding a request before it runs: prompts cut to the model's positions, a token budget, settings checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chameleon_core.cli import main
+from chameleon_core.inference import MAX_REQUEST_TOKENS, InputError, check_settings, fit_prompts, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+ALPACA = "Below is an instruction.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
+LONG = " ".join(f"zq{i % 7}x" for i in range(400))  # 2,000 characters, over 1,000 tokens for the tiny tokenizer
+
+
+def loaded_modules(code: str, **env: str) -> set[str]:
+    """The ``chameleon_core`` modules a fresh interpreter holds after running ``code``."""
+    report = "import sys; print(*(name for name in sys.modules if name.startswith('chameleon_core')))"
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{report}"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.splitlines()[-1].split())
+
+
+def test_inference_imports_neither_training_nor_the_demo():
+    """A user of a trained bundle gets inference without the trainer or the demo's backend."""
+    loaded = loaded_modules("import chameleon_core.inference")
+    assert "chameleon_core.inference" in loaded and loaded.isdisjoint({"chameleon_core.train", "chameleon_core.demo"})
+
+
+def test_a_long_prompt_keeps_its_end_and_its_template_fits(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    limit = model.config.max_position_embeddings - 16
+    fitted = fit_prompts(model, tokenizer, [LONG], 16, ALPACA)
+    [condition], [text] = fitted.conditions, fitted.texts
+    assert LONG.endswith(condition) and len(condition) < len(LONG)
+    assert text == ALPACA.format(prompt=condition)  # the template is kept whole; the prompt is what is cut
+    assert limit - 2 <= len(tokenizer(text)["input_ids"]) <= limit
+    assert fitted.cut == {1: len(tokenizer(condition)["input_ids"])}
+    assert fitted.note() == (
+        f"Prompts cut to fit the model's 512 positions with 16 new tokens (each keeps its end): "
+        f"prompt 1 to its last {fitted.cut[1]} tokens."
+    )
+
+
+def test_prompts_that_fit_are_left_alone(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    fitted = fit_prompts(model, tokenizer, ["Whisk the butter.", "The striker scores."], 32, ALPACA)
+    assert fitted.conditions == ["Whisk the butter.", "The striker scores."]
+    assert fitted.cut == {} and fitted.note() is None
+    longest = max(len(tokenizer(text)["input_ids"]) for text in fitted.texts)
+    assert fitted.tokens == 2 * (longest + 32)  # padded to the longest row
+
+
+def test_the_request_budget_names_the_count_and_what_to_reduce(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    prompts = [f"prompt {i}" for i in range(8)]
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    with pytest.raises(InputError, match=(
+        rf"This request needs {8 * (longest + 128):,} tokens: 8 prompt\(s\) × \({longest} tokens of the longest prompt, "
+        rf"template included, \+ 128 new tokens\).* The limit is {MAX_REQUEST_TOKENS} tokens per request: use fewer "
+        "or shorter prompts, or fewer new tokens."
+    )):
+        fit_prompts(model, tokenizer, prompts, 128)
+
+
+def test_a_template_longer_than_the_positions_is_refused(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    with pytest.raises(InputError, match="positions leave no room for prompt 1 in its template; lower Max new tokens"):
+        fit_prompts(model, tokenizer, ["hello"], 8, "word " * 600 + "{prompt}")
+
+
+def test_generate_refuses_an_uncut_prompt_instead_of_indexing_past_the_positions(tiny_gpt2):
+    model, tokenizer = tiny_gpt2
+    with pytest.raises(ValueError, match="overflow the model's 512 positions; cut the prompts with fit_prompts"):
+        generate(model, tokenizer, [LONG], max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "raw, clean",
+    [(("centroids", 3, 32), ("centroids", 3, 32, 0, False)),
+     (("batch", 3.0, 128.0, 4294967295.0, "sample"), ("batch", 3, 128, 2**32 - 1, True)),  # JSON numbers
+     (("centroids", 1, 1, None), ("centroids", 1, 1, 0, False))],  # an empty seed box
+)
+def test_settings_come_back_as_clean_ints(raw, clean):
+    settings = check_settings(*raw)
+    assert tuple(settings) == clean and all(type(v) is int for v in settings[1:4])
+
+
+def test_the_generate_command_refuses_a_negative_seed_in_one_line(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "chameleon_core", "generate", "--bundle", str(tmp_path), "--prompt", "hi", "--seed", "-5"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == ["error: Seed must be an integer from 0 to 2**32 - 1 (4,294,967,295); got -5."]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--seed", str(2**32)], "Seed must be an integer from 0 to 2**32 - 1 (4,294,967,295); got 4294967296."),
+     (["--k", "0"], "k (clusters in batch mode) must be an integer from 1 to 32; got 0."),
+     (["--max-new-tokens", "129"], "Max new tokens must be an integer from 1 to 128; got 129.")],
+)
+def test_the_generate_command_gives_the_apps_messages(tmp_path, capsys, flags, message):
+    assert main(["generate", "--bundle", str(tmp_path), "--prompt", "hi", *flags]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
