@@ -93,9 +93,8 @@ def fit_projection(embeddings: torch.Tensor, seed: int = 0, cache_dir: str | Pat
     with _PROJECTION_LOCK:
         if key in _PROJECTIONS:
             return _PROJECTIONS[key]
-        if file.is_file():
-            projection = pickle.loads(file.read_bytes())
-        else:
+        projection = _cached_projection(file)
+        if projection is None:
             if method == "umap":
                 import umap
 
@@ -112,6 +111,18 @@ def fit_projection(embeddings: torch.Tensor, seed: int = 0, cache_dir: str | Pat
             tmp.replace(file)
         _PROJECTIONS[key] = projection
         return projection
+
+
+def _cached_projection(file: Path) -> Projection | None:
+    """The projection pickled in ``file``, or None when it is absent or unreadable: written by another
+    version of this code (a class that moved), by other library versions, or cut short."""
+    try:
+        projection = pickle.loads(file.read_bytes())
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 (any unpickling failure is a cache miss: the map is refitted)
+        return None
+    return projection if isinstance(projection, Projection) else None
 
 
 # ---------------------------------------------------------------- bundle sets

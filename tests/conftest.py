@@ -40,6 +40,16 @@ def seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def offline(monkeypatch) -> None:
+    """The Hugging Face hub in offline mode (read once at import, so the constant is patched too):
+    a missing hub id then fails at once instead of after the client's network retries."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer): the pretrained SmolLM2-135M-Instruct, shared by the session (do not modify)."""

@@ -310,3 +310,16 @@ def test_demo_set_is_built_with_progress_when_none_fits(tmp_path, monkeypatch):
     built = tmp_path / "bundles" / "random-tiny-gpt2-synthetic"
     assert engine.bundle_set.path == built and engine.status().startswith("**Ready.**")
     assert find_bundle_set(tmp_path / "bundles", load_model(MODEL)[0]) == built  # cached: the next start reuses it
+
+
+def test_an_unreadable_projection_cache_is_refitted(tmp_path, monkeypatch):
+    from chameleon_core import demo
+
+    points = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    first = demo.fit_projection(points, cache_dir=tmp_path)
+    [file] = (tmp_path / "projections").glob("*.pkl")
+    file.write_bytes(b"\x80\x04not a pickle of this code")
+    monkeypatch.setattr(demo, "_PROJECTIONS", {})  # forget the in-memory copy: read the disk
+    again = demo.fit_projection(points, cache_dir=tmp_path)
+    assert again.method == first.method == "pca"
+    assert torch.allclose(torch.as_tensor(again.coords), torch.as_tensor(first.coords))

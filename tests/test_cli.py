@@ -175,3 +175,20 @@ def test_share_bundle_writes_a_half_precision_copy_and_refuses_an_existing_folde
     assert main(["share-bundle", "--bundle", str(tmp_path / "run"), "--out", str(tmp_path / "shared")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "already exists" in err and err.count("\n") == 1
+
+
+def test_a_bundle_naming_an_unreachable_hub_model_is_one_error_line(tmp_path, capsys, offline):
+    from chameleon_core.bundle import write_checksums
+
+    path = saved_bundle(tmp_path / "b")
+    config = json.loads((path / "config.json").read_text())
+    config["base_model"] = "someone/not-on-this-machine"
+    (path / "config.json").write_text(json.dumps(config))
+    write_checksums(path)
+    line = one_error_line(capsys, ["evaluate", "--bundle", str(path), "--device", "cpu"])
+    assert "could not load model 'someone/not-on-this-machine'" in line and "hub could not provide it" in line
+
+
+def test_an_unknown_model_name_offline_is_one_error_line(capsys, offline):
+    line = one_error_line(capsys, ["params", "--model", "no-such-model-xyz"])
+    assert "could not load model 'no-such-model-xyz'" in line

@@ -126,8 +126,7 @@ def test_regimes_work_on_stories260k(stories, regime):
     assert all(p.grad is not None for a in adapters for p in a.parameters() if p.requires_grad)
 
 
-def test_offline_hub_id_is_a_one_line_model_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_offline_hub_id_is_a_one_line_model_error(offline):
     with pytest.raises(ModelError, match="could not load model 'no-such-model-xyz'.*hub could not provide it"):
         load_model("no-such-model-xyz")
 
