@@ -112,7 +112,7 @@ def write_checksums(path: str | Path) -> Path:
     predates them, or after changing a bundle's files on purpose. Returns the manifest's path.
     """
     path = Path(path)
-    _parse_config(path)  # only a bundle gets a manifest
+    read_bundle_config(path, verify=False)  # only a bundle gets a manifest
     files = {name: _sha256((path / name).read_bytes()) for name in CHECKED_FILES if (path / name).is_file()}
     manifest = {"algorithm": "sha256", "files": files}
     _atomic(path / CHECKSUMS, lambda p: p.write_text(json.dumps(manifest, indent=2)))
@@ -156,23 +156,18 @@ def _verify(path: Path, name: str, data: bytes, checksums: dict[str, str] | None
         )
 
 
-def read_bundle_config(path: str | Path) -> dict:
-    """The bundle's ``config.json``, validated and checked against its checksum; cheap (no tensors, no model)."""
+def read_bundle_config(path: str | Path, verify: bool = True) -> dict:
+    """The bundle's ``config.json``, validated and (``verify``) checked against its checksum; cheap
+    (no tensors, no model). ``verify=False`` reads what a possibly damaged bundle claims to be."""
     path = Path(path)
-    config = _parse_config(path)
-    _verify(path, "config.json", (path / "config.json").read_bytes(), _read_checksums(path))
-    return config
-
-
-def _parse_config(path: Path) -> dict:
-    """``config.json`` parsed and its format checked (format errors say more than a checksum mismatch)."""
     if not path.is_dir():
         raise BundleError(f"no bundle at {path}: folder does not exist")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise BundleError(f"bundle {path} is missing config.json")
     try:
-        config = json.loads(config_file.read_text())
+        raw = config_file.read_bytes()
+        config = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"config.json in bundle {path} is corrupt: {err}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -181,6 +176,8 @@ def _parse_config(path: Path) -> dict:
         raise BundleError(f"bundle {path} has format version {config.get('version')}, this code reads {VERSION}")
     if missing := [key for key in REQUIRED_KEYS if key not in config]:
         raise BundleError(f"config.json in bundle {path} lacks {', '.join(missing)} (a bundle records {', '.join(REQUIRED_KEYS)})")
+    if verify:
+        _verify(path, "config.json", raw, _read_checksums(path))
     return config
 
 

@@ -16,9 +16,13 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from . import inference
 from .bench import BenchSettings, format_report, run_bench
-from .bundle import share_bundle
+from .bundle import load_bundle, read_bundle_config, share_bundle
+from .demo import open_bundle_set
+from .inference import (
+    CLUSTER_MODES, MAX_NEW_TOKENS, MAX_PROMPTS, assign, check_settings, embed_prompts, fit_prompts, generate,
+    validate_prompts,
+)
 from .data import DATASETS
 from .models import DEFAULT_MODEL, MODEL_HELP, load_model
 from .protocols import PROTOCOLS
@@ -118,6 +122,36 @@ def _report(args: argparse.Namespace) -> None:
     write_readme(args.readme, args.root)
 
 
+def _generate(args: argparse.Namespace) -> dict:
+    """A single bundle answers alone; a bundle set (lora/ + chameleon/) compares all three models."""
+    text = Path(args.prompts_file).read_text(encoding="utf-8") if args.prompts_file else "\n".join(args.prompt or [])
+    prompts = validate_prompts(text)
+    mode, k, max_new_tokens, seed, do_sample = check_settings(
+        args.mode, args.k, args.max_new_tokens, args.seed, "sample" if args.sample else "greedy"
+    )
+    path = Path(args.bundle)
+    if (path / "config.json").is_file():  # a single bundle
+        model = load_model(args.model)[0] if args.model else None
+        bundle = load_bundle(path, model)
+        template = bundle.metadata.get("prompt_template", "{prompt}")
+        fitted = fit_prompts(bundle.model, bundle.tokenizer, prompts, max_new_tokens, template)
+        embeddings = embed_prompts(bundle, fitted.conditions)
+        assignment = assign(bundle, embeddings, mode, k, seed)
+        texts = generate(bundle.model, bundle.tokenizer, fitted.texts, embeddings, assignment.labels,
+                         assignment.centroids, max_new_tokens, do_sample, seed)
+        result = {"bundle": str(path), "regime": bundle.adapter.regime, "mode": mode, "prompts": [
+            {"prompt": p, "cluster": int(assignment.labels[i]), "distance": float(assignment.distances[i]), "generation": texts[i]}
+            for i, p in enumerate(prompts)]}
+    else:
+        model_name = args.model or read_bundle_config(path / "chameleon")["base_model"]
+        bundle_set = open_bundle_set(model_name, path, build=False)
+        comparison = bundle_set.compare(prompts, mode, k, max_new_tokens, do_sample, seed)
+        fitted = comparison.fitted
+        result = {"bundle_set": bundle_set.describe(), "mode": mode, "prompts": comparison.rows(),
+                  "adapters": [asdict(view) for view in comparison.adapters]}
+    return {**result, "note": fitted.note()} if fitted.cut else result
+
+
 def _share_bundle(args: argparse.Namespace) -> dict:
     out = share_bundle(args.bundle, args.out)
     return {"bundle": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
@@ -198,7 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="a new folder (refused if it exists)")
     p.set_defaults(run=_share_bundle)
 
-    inference.register(commands)  # generate: its options stay beside its code until inference.py moves them here
+    p = commands.add_parser("generate", help="answer prompts with base, static LoRA and ChameleonLLM; print JSON")
+    p.add_argument("--bundle", required=True, help="a bundle, or a bundle set folder holding lora/ and chameleon/")
+    p.add_argument("--model", default=None, help="base model (default: the one the bundles name)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", help="a text file, one prompt per line")
+    p.add_argument("--mode", default="centroids", choices=CLUSTER_MODES)
+    p.add_argument("--k", type=int, default=3, help=f"clusters among the prompts in --mode batch (1-{MAX_PROMPTS})")
+    p.add_argument("--max-new-tokens", type=int, default=32, help=f"1-{MAX_NEW_TOKENS}")
+    p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**32 - 1")
+    p.set_defaults(run=_generate)
 
     d = BenchSettings()
     p = commands.add_parser("bench", help="measure what ChameleonLLM costs next to the base model and static LoRA")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import json
 import pickle
 import re
 import shutil
@@ -28,7 +27,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .bundle import Bundle, BundleError, Points, load_bundle, read_bundle_config
 from .clustering import Clusters
-from .embeddings import default_cache_dir
 from .hyper_head import hyper_head
 from .inference import (
     AdapterView,
@@ -41,7 +39,7 @@ from .inference import (
     fit_prompts,
     generate,
 )
-from .models import load_model, model_fingerprint
+from .models import default_cache_dir, load_model, model_fingerprint
 
 COMPARED = {"base": "Base", "lora": "Static LoRA", "chameleon": "ChameleonLLM"}  # regime -> display name
 MIN_UMAP_POINTS = 30  # fewer training points than this are projected with PCA
@@ -118,9 +116,7 @@ def _cached_projection(file: Path) -> Projection | None:
     version of this code (a class that moved), by other library versions, or cut short."""
     try:
         projection = pickle.loads(file.read_bytes())
-    except FileNotFoundError:
-        return None
-    except Exception:  # noqa: BLE001 (any unpickling failure is a cache miss: the map is refitted)
+    except Exception:  # noqa: BLE001 (absent, or any unpickling failure: a cache miss, the map is refitted)
         return None
     return projection if isinstance(projection, Projection) else None
 
@@ -140,29 +136,26 @@ def find_bundle_set(root: str | Path, model: PreTrainedModel) -> Path | None:
     """The first bundle set under ``root`` (by name) trained on ``model``, or None.
 
     Sets for other models are skipped quietly; a set that names this model's fingerprint but
-    fails its checks (a corrupt file) is reported rather than skipped, so it is never rebuilt over.
+    fails its checks (a corrupt file, a missing half) raises, so it is never rebuilt over.
     """
     root = Path(root)
     if not root.is_dir():
         return None
     fingerprint = model_fingerprint(model)
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            check_bundle_set(path, fingerprint)
+        if _claims(path, fingerprint):
+            check_bundle_set(path, fingerprint)  # a damaged set for this model is reported, never rebuilt over
             return path
-        except BundleError:
-            if _names_fingerprint(path, fingerprint):
-                raise
     return None
 
 
-def _names_fingerprint(path: Path, fingerprint: str) -> bool:
-    """Whether a config.json under ``path`` claims ``fingerprint`` (read without any check)."""
+def _claims(path: Path, fingerprint: str) -> bool:
+    """Whether a bundle config under ``path`` names ``fingerprint`` (read without its checksum)."""
     for name in ("lora", "chameleon"):
         try:
-            if json.loads((path / name / "config.json").read_text()).get("base_fingerprint") == fingerprint:
+            if read_bundle_config(path / name, verify=False)["base_fingerprint"] == fingerprint:
                 return True
-        except (OSError, ValueError, AttributeError):
+        except BundleError:
             continue
     return False
 

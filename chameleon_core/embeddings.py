@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -47,10 +46,6 @@ def _sums_in_place(embedding: nn.Module) -> bool:
         type(embedding) is nn.Embedding and embedding.max_norm is None
         and weight.dtype == torch.float32 and weight.device.type in ("cpu", "cuda")
     )
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CHAMELEON_CACHE", Path.home() / ".cache" / "chameleon_core"))
 
 
 @torch.no_grad()

@@ -4,29 +4,25 @@ New prompts are checked and cut to the model's positions, embedded exactly as tr
 (the bundle's ``metadata["embedding"]``), assigned to the trained centroids (or clustered among
 themselves), and every cluster's prompts run through ChameleonLLM with the adapter generated for
 that cluster, a mixed batch in one pass. The demo's backend (:mod:`.demo`) builds on this module;
-importing it loads neither the demo nor training (the ``generate`` command, kept here until it joins
-:mod:`.cli`, opens a bundle set through the demo when it is given one).
+importing it loads neither the demo nor training.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import re
 import reprlib
 import unicodedata
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .bundle import Bundle, BundleError, load_bundle, read_bundle_config
+from .bundle import Bundle, BundleError
 from .clustering import fit_clusters
 from .embeddings import embed_texts
 from .hyper_head import conditioned, hyper_head
-from .models import load_model
 
 MAX_PROMPTS = 32
 MAX_PROMPT_CHARS = 2000
@@ -308,49 +304,3 @@ def adapter_summary(
         tokens = [(bundle.tokenizer.decode([i]), float(v)) for i, v in zip(top.indices.tolist(), top.values)]
         views.append(AdapterView(cluster, int(members.sum()), float(norms[g]), tokens))
     return views
-
-
-# ---------------------------------------------------------------- command line
-def _generate_command(args: argparse.Namespace) -> dict:
-    text = Path(args.prompts_file).read_text(encoding="utf-8") if args.prompts_file else "\n".join(args.prompt or [])
-    prompts = validate_prompts(text)
-    mode, k, max_new_tokens, seed, do_sample = check_settings(
-        args.mode, args.k, args.max_new_tokens, args.seed, "sample" if args.sample else "greedy"
-    )
-    path = Path(args.bundle)
-    if (path / "config.json").is_file():  # a single bundle
-        model = load_model(args.model)[0] if args.model else None
-        bundle = load_bundle(path, model)
-        template = bundle.metadata.get("prompt_template", "{prompt}")
-        fitted = fit_prompts(bundle.model, bundle.tokenizer, prompts, max_new_tokens, template)
-        embeddings = embed_prompts(bundle, fitted.conditions)
-        assignment = assign(bundle, embeddings, mode, k, seed)
-        texts = generate(bundle.model, bundle.tokenizer, fitted.texts, embeddings, assignment.labels,
-                         assignment.centroids, max_new_tokens, do_sample, seed)
-        result = {"bundle": str(path), "regime": bundle.adapter.regime, "mode": mode, "prompts": [
-            {"prompt": p, "cluster": int(assignment.labels[i]), "distance": float(assignment.distances[i]), "generation": texts[i]}
-            for i, p in enumerate(prompts)]}
-    else:
-        from .demo import open_bundle_set  # the demo builds on this module; this command moves to cli.py
-
-        model_name = args.model or read_bundle_config(path / "chameleon")["base_model"]
-        bundle_set = open_bundle_set(model_name, path, build=False)
-        comparison = bundle_set.compare(prompts, mode, k, max_new_tokens, do_sample, seed)
-        fitted = comparison.fitted
-        result = {"bundle_set": bundle_set.describe(), "mode": mode, "prompts": comparison.rows(),
-                  "adapters": [asdict(view) for view in comparison.adapters]}
-    return {**result, "note": fitted.note()} if fitted.cut else result
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("generate", help="answer prompts with base, static LoRA and ChameleonLLM; print JSON")
-    p.add_argument("--bundle", required=True, help="a bundle, or a bundle set folder holding lora/ and chameleon/")
-    p.add_argument("--model", default=None, help="base model (default: the one the bundles name)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    p.add_argument("--prompts-file", help="a text file, one prompt per line")
-    p.add_argument("--mode", default="centroids", choices=CLUSTER_MODES)
-    p.add_argument("--k", type=int, default=3, help=f"clusters among the prompts in --mode batch (1-{MAX_PROMPTS})")
-    p.add_argument("--max-new-tokens", type=int, default=32, help=f"1-{MAX_NEW_TOKENS}")
-    p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0, help="0 to 2**32 - 1")
-    p.set_defaults(run=_generate_command)

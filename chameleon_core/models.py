@@ -106,8 +106,13 @@ def _random_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> P
     return model_cls(config)
 
 
+def default_cache_dir() -> Path:
+    """Where converted models, embeddings and demo maps are cached: ``$CHAMELEON_CACHE``, else the user's cache."""
+    return Path(os.environ.get("CHAMELEON_CACHE", Path.home() / ".cache" / "chameleon_core"))
+
+
 def model_cache_dir() -> Path:
-    return Path(os.environ.get("CHAMELEON_CACHE", Path.home() / ".cache" / "chameleon_core")) / "models"
+    return default_cache_dir() / "models"
 
 
 def smollm2_gguf(install: bool = False) -> Path:
@@ -198,8 +203,9 @@ def load_model(
     else:
         if name.startswith((".", "/", "~")) and not name.endswith(".gguf") and not Path(name).expanduser().is_dir():
             raise FileNotFoundError(f"model folder {name!r} does not exist")
-        tok = load_tokenizer(tokenizer or name)
-        model = _from_pretrained(AutoModelForCausalLM, name, resolve_model_path(name), dtype=dtype)
+        path = resolve_model_path(name)  # once: for smollm2 / .gguf it checks (or makes) the converted folder
+        tok = load_tokenizer(tokenizer) if tokenizer else prepare_tokenizer(_from_pretrained(AutoTokenizer, name, path))
+        model = _from_pretrained(AutoModelForCausalLM, name, path, dtype=dtype)
     model.config.pad_token_id = tok.pad_token_id
     model.name_or_path = name
     return model.to(device=resolve_device(device), dtype=dtype).eval(), tok

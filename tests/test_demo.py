@@ -4,8 +4,8 @@ committed Alpaca bundle set, offline, and answers instructions with three fluent
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +41,7 @@ def test_committed_set_is_small_half_precision_and_carries_no_training_text():
         assert (config["base_model"], config["metadata"]["dataset"]) == ("smollm2", "alpaca")
         assert "### Instruction" in config["metadata"]["prompt_template"]  # the format training used
         assert not (COMMITTED / name / "tokenizer").exists()  # the model supplies it
-        assert set((COMMITTED / name / "points.json").read_text().strip("[]").replace('"', "").replace(",", "").split()) == set()
+        assert not any(json.loads((COMMITTED / name / "points.json").read_text()))  # every text blanked
 
 
 def test_half_precision_on_disk_loads_as_float32(smollm2):
@@ -56,19 +56,18 @@ def test_half_precision_on_disk_loads_as_float32(smollm2):
 def served():
     """The app exactly as `python app.py` starts it (default model, bundles found under assets/)."""
     args = app.parse_args([])
-    started = time.perf_counter()
     engine = app.Engine(model_name=args.model, bundle=args.bundle, root=app.BUNDLES, build=False).start()
     assert engine.wait(300) and engine.bundle_set is not None, engine.status()
     port = free_port()
     demo = app.serve(app.build_demo(engine), prevent_thread_lock=True, server_port=port, quiet=True)
     try:
-        yield engine, f"http://127.0.0.1:{port}/", time.perf_counter() - started
+        yield engine, f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
 
 
 def test_two_instructions_get_three_fluent_answers_that_differ(served):
-    engine, url, _ = served
+    engine, url = served
     assert engine.bundle_set.path == COMMITTED
     _, _, generations, _, status = Client(url, verbose=False).predict(
         "\n".join(INSTRUCTIONS), "centroids", 3, 48, "greedy", 0, api_name="/compare"
@@ -82,8 +81,3 @@ def test_two_instructions_get_three_fluent_answers_that_differ(served):
             assert len(words) >= 2 and letters > 0.7 and max(map(words.count, words)) <= max(1, 0.4 * len(words)), answer
         assert len(set(answers)) > 1, f"all three columns agree on {prompt!r}"
 
-
-def test_first_start_time_is_reported(served):
-    """Not a timing assertion: the figure README quotes comes from here (python -m pytest -s)."""
-    print(f"\nfrom start to Ready: {served[2]:.1f} s")
-    assert served[2] > 0
