@@ -130,7 +130,7 @@ def _short(text: str, limit: int = 120) -> str:
 
 def cluster_map(bundle_set: BundleSet, result: Comparison) -> go.Figure:
     """Training inputs coloured by cluster, the new prompts as labelled stars on the same map."""
-    points, coords, trained = bundle_set.points, bundle_set.projection.coords, result.assignment.mode == "centroids"
+    points, coords, trained = bundle_set.points, bundle_set.projection.coords, result.assignment.clusters == "trained"
     new = bundle_set.place(result.embeddings)
     labels = points.labels.numpy()
     figure = go.Figure()
@@ -148,7 +148,7 @@ def cluster_map(bundle_set: BundleSet, result: Comparison) -> go.Figure:
         marker=dict(symbol="star", size=17, line=dict(width=1.5, color="black"),
                     color=[COLOURS[c % len(COLOURS)] if trained else "white" for c in new_labels]),
         customdata=[[_short(p), c] for p, c in zip(result.prompts, new_labels)],
-        hovertemplate="%{customdata[0]}<extra>" + ("cluster" if trained else "batch cluster") + " %{customdata[1]}</extra>",
+        hovertemplate="%{customdata[0]}<extra>" + ("cluster" if trained else "prompt cluster") + " %{customdata[1]}</extra>",
     ))
     method = bundle_set.projection.method.upper()
     figure.update_layout(
@@ -180,16 +180,16 @@ def tables(result: Comparison) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
 
 # ---------------------------------------------------------------- the page
 def build_demo(engine: Engine) -> gr.Blocks:
-    def compare(prompts: object, cluster_mode: object, k: object, max_new_tokens: object, decoding: object,
+    def compare(prompts: object, clusters: object, k: object, max_new_tokens: object, decoding: object,
                 seed: object, progress: gr.Progress = gr.Progress()):
         """Gets the raw API values (``preprocess=False``), so every bad one gets inference's message naming
         the field and its range, never Gradio's own or its generic "upstream" error."""
         try:
             texts = validate_prompts(prompts)
-            mode, k, max_new_tokens, seed, do_sample = check_settings(cluster_mode, k, max_new_tokens, seed, decoding)
+            clusters, k, max_new_tokens, seed, do_sample = check_settings(clusters, k, max_new_tokens, seed, decoding)
             bundle_set = engine.ready()
             result = bundle_set.compare(
-                texts, mode, k, max_new_tokens, do_sample, seed,
+                texts, clusters, k, max_new_tokens, do_sample, seed,
                 progress=lambda fraction, message: progress(fraction, desc=message),
             )
         except (InputError, BundleError) as err:  # expected: the message is the answer, no traceback in the log
@@ -222,11 +222,11 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 )
                 gr.Examples([[text] for text in EXAMPLES.values()], inputs=prompts, example_labels=list(EXAMPLES))
             with gr.Column(scale=2):
-                cluster_mode = gr.Radio(
-                    [("Assign to the trained clusters", "centroids"), ("Cluster this batch (k-means)", "batch")],
-                    value="centroids", label="Cluster mode",
+                clusters = gr.Radio(
+                    [("Assign to the trained clusters", "trained"), ("Cluster these prompts (k-means)", "prompts")],
+                    value="trained", label="Clusters",
                 )
-                k = gr.Slider(1, MAX_PROMPTS, value=3, step=1, label="k (batch mode)")
+                k = gr.Slider(1, MAX_PROMPTS, value=3, step=1, label="k (k-means on the prompts)")
                 max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, label="Max new tokens")
                 decoding = gr.Radio([("Greedy", "greedy"), ("Sampling", "sample")], value="greedy", label="Decoding")
                 seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed (sampling and batch k-means)")
@@ -246,7 +246,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             interactive=False, wrap=True, max_height=900, elem_id="generations",
         )
         run.click(
-            compare, [prompts, cluster_mode, k, max_new_tokens, decoding, seed],
+            compare, [prompts, clusters, k, max_new_tokens, decoding, seed],
             [plot, assignments, generations, adapters, status], api_name="compare", preprocess=False,
         )
         timer = gr.Timer(1.0)

@@ -20,16 +20,18 @@ from .bench import BenchSettings, format_report, run_bench
 from .bundle import load_bundle, read_bundle_config, share_bundle
 from .demo import open_bundle_set
 from .inference import (
-    CLUSTER_MODES, MAX_NEW_TOKENS, MAX_PROMPTS, assign, check_settings, embed_prompts, fit_prompts, generate,
+    CLUSTERS, MAX_NEW_TOKENS, MAX_PROMPTS, assign, check_settings, embed_prompts, fit_prompts, generate,
     validate_prompts,
 )
 from .data import DATASETS
+from .hyper_head import CONDITIONING
+from .lora import LORA_INITS
 from .models import DEFAULT_MODEL, MODEL_HELP, load_model
 from .protocols import PROTOCOLS
 from .regimes import REGIMES, AdapterConfig, apply_regime, trainable_parameters
 from .report import write_readme
 from .reproduce import PROFILES, profile_settings, reproduce, results_markdown
-from .train import SAMPLERS, TRAIN_CONDITIONING, TrainConfig, evaluate_bundle, train
+from .train import SAMPLERS, TrainConfig, evaluate_bundle, train
 
 # What a command line trains with where an option is left out: TrainConfig's defaults, but the default model.
 TRAIN_DEFAULTS = {**asdict(TrainConfig()), "model": DEFAULT_MODEL}
@@ -72,6 +74,12 @@ def _add_training_settings(parser: argparse.ArgumentParser) -> None:
     _setting(parser, "batch_size", type=int)
     _setting(parser, "rank", type=int)
     _setting(parser, "alpha", f"LoRA alpha; scale = alpha / rank (default: {TRAIN_DEFAULTS['alpha']})", type=float)
+    _setting(parser, "init", "LoRA init: peft (B = 0, a fresh adapter is the base model) or paper (both small "
+             "random; default: peft)", choices=LORA_INITS)
+    _setting(parser, "targets", "comma-separated module names to adapt (default: the architecture's projections)",
+             type=_names)
+    _setting(parser, "hyper_hidden", "hidden sizes of the hyper-network, e.g. 64,32 (default: 64,32)", type=_ints)
+    _setting(parser, "hyper_dropout", "dropout inside the hyper-network (default: 0.5)", type=float)
     _setting(parser, "max_length", type=int)
     _setting(parser, "context_tokens", type=int)
     _setting(parser, "k", "number of clusters (default: rows // batch size)", type=int)
@@ -126,8 +134,8 @@ def _generate(args: argparse.Namespace) -> dict:
     """A single bundle answers alone; a bundle set (lora/ + chameleon/) compares all three models."""
     text = Path(args.prompts_file).read_text(encoding="utf-8") if args.prompts_file else "\n".join(args.prompt or [])
     prompts = validate_prompts(text)
-    mode, k, max_new_tokens, seed, do_sample = check_settings(
-        args.mode, args.k, args.max_new_tokens, args.seed, "sample" if args.sample else "greedy"
+    clusters, k, max_new_tokens, seed, do_sample = check_settings(
+        args.clusters, args.k, args.max_new_tokens, args.seed, "sample" if args.sample else "greedy"
     )
     path = Path(args.bundle)
     if (path / "config.json").is_file():  # a single bundle
@@ -136,18 +144,18 @@ def _generate(args: argparse.Namespace) -> dict:
         template = bundle.metadata.get("prompt_template", "{prompt}")
         fitted = fit_prompts(bundle.model, bundle.tokenizer, prompts, max_new_tokens, template)
         embeddings = embed_prompts(bundle, fitted.conditions)
-        assignment = assign(bundle, embeddings, mode, k, seed)
+        assignment = assign(bundle, embeddings, clusters, k, seed)
         texts = generate(bundle.model, bundle.tokenizer, fitted.texts, embeddings, assignment.labels,
-                         assignment.centroids, max_new_tokens, do_sample, seed)
-        result = {"bundle": str(path), "regime": bundle.adapter.regime, "mode": mode, "prompts": [
+                         assignment.centroids, max_new_tokens, do_sample, seed, bundle.adapter.conditioning)
+        result = {"bundle": str(path), "regime": bundle.adapter.regime, "clusters": clusters, "prompts": [
             {"prompt": p, "cluster": int(assignment.labels[i]), "distance": float(assignment.distances[i]), "generation": texts[i]}
             for i, p in enumerate(prompts)]}
     else:
         model_name = args.model or read_bundle_config(path / "chameleon")["base_model"]
         bundle_set = open_bundle_set(model_name, path, build=False)
-        comparison = bundle_set.compare(prompts, mode, k, max_new_tokens, do_sample, seed)
+        comparison = bundle_set.compare(prompts, clusters, k, max_new_tokens, do_sample, seed)
         fitted = comparison.fitted
-        result = {"bundle_set": bundle_set.describe(), "mode": mode, "prompts": comparison.rows(),
+        result = {"bundle_set": bundle_set.describe(), "clusters": clusters, "prompts": comparison.rows(),
                   "adapters": [asdict(view) for view in comparison.adapters]}
     return {**result, "note": fitted.note()} if fitted.cut else result
 
@@ -186,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     _setting(p, "regime", choices=REGIMES)
     _setting(p, "protocol", choices=PROTOCOLS)
     _setting(p, "sampler", choices=SAMPLERS)
-    _setting(p, "conditioning", choices=TRAIN_CONDITIONING)
+    _setting(p, "conditioning", "the hyper-network's input: the batch's mean (the paper), each row's cluster "
+             "centroid, or each row itself (default: batch)", choices=CONDITIONING)
     _setting(p, "seed", type=int)
     p.add_argument("--out", required=True, help="run folder (bundle + metrics + checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -237,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the one the bundles name)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
-    p.add_argument("--mode", default="centroids", choices=CLUSTER_MODES)
-    p.add_argument("--k", type=int, default=3, help=f"clusters among the prompts in --mode batch (1-{MAX_PROMPTS})")
+    p.add_argument("--clusters", default="trained", choices=CLUSTERS,
+                   help="assign each prompt to its nearest trained cluster, or run k-means on the prompts (default: trained)")
+    p.add_argument("--k", type=int, default=3, help=f"clusters among the prompts with --clusters prompts (1-{MAX_PROMPTS})")
     p.add_argument("--max-new-tokens", type=int, default=32, help=f"1-{MAX_NEW_TOKENS}")
     p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**32 - 1")

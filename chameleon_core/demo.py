@@ -253,7 +253,7 @@ class BundleSet:
                 "metrics": {regime: bundle.metadata.get("metrics", {}) for regime, bundle in (("lora", self.lora), ("chameleon", self.chameleon))}}
 
     def compare(
-        self, prompts: list[str], mode: str = "centroids", k: int = 3, max_new_tokens: int = 32,
+        self, prompts: list[str], clusters: str = "trained", k: int = 3, max_new_tokens: int = 32,
         do_sample: bool = False, seed: int = 0, progress: Progress = _silent,
     ) -> Comparison:
         """Cut, embed, assign, generate with all three models and summarise the generated adapters.
@@ -261,13 +261,14 @@ class BundleSet:
         Every step reads the same cut prompts (:func:`fit_prompts`); an :class:`InputError` says
         what to change when a setting is out of range or the request exceeds its token budget.
         """
-        mode, k, max_new_tokens, seed, _ = check_settings(mode, k, max_new_tokens, seed)
+        clusters, k, max_new_tokens, seed, _ = check_settings(clusters, k, max_new_tokens, seed)
         with self.lock:  # the tokenizer too: a fast tokenizer is not safe to call from two threads at once
             progress(0.0, "embedding the prompts")
             fitted = fit_prompts(self.model, self.tokenizer, prompts, max_new_tokens, self.template)
             embeddings = embed_prompts(self.chameleon, fitted.conditions)
-            assignment = assign(self.chameleon, embeddings, mode, k, seed)
-            settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed)
+            assignment = assign(self.chameleon, embeddings, clusters, k, seed)
+            settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
+                            conditioning=self.chameleon.adapter.conditioning)
             generations = {}
             for step, (regime, model, tokenizer) in enumerate(
                 (("base", self.model, self.tokenizer), ("lora", self.lora.model, self.lora.tokenizer),
@@ -276,7 +277,7 @@ class BundleSet:
                 progress(0.1 + 0.28 * step, f"generating with {COMPARED[regime]}")
                 generations[regime] = generate(model, tokenizer, fitted.texts, embeddings, assignment.labels, assignment.centroids, **settings)
             progress(0.95, "summarising the adapters")
-            adapters = adapter_summary(self.chameleon, fitted.texts, assignment)
+            adapters = adapter_summary(self.chameleon, fitted.texts, embeddings, assignment)
         return Comparison(prompts, fitted, embeddings, assignment, generations, adapters)
 
 

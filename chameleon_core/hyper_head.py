@@ -1,7 +1,8 @@
 """Hyper-LoRA head: a hyper-network turns a conditioning embedding into the head's LoRA.
 
 ``logits = W h + (alpha / r) * B_c (A_c h)`` where ``(A_c, B_c) = hyper(c)`` and ``c`` is the
-conditioning vector of the row's group (the whole batch, its cluster, or the row itself).
+conditioning vector of the row's group: the mean of the rows batched with it (``batch``, the paper),
+its cluster's centroid (``centroid``) or the row itself (``example``) — :data:`CONDITIONING`.
 The update is applied in factored form, so no ``V x d`` matrix is ever built, and a batch that
 mixes groups runs in one pass: each row gathers its own group's ``A_g`` and ``B_g`` (as BGMV
 kernels do), so the work is that of one adapter however many groups the batch holds.
@@ -23,7 +24,8 @@ from torch import nn
 
 from .lora import LORA_INITS, features
 
-CONDITIONING_MODES = ("batch", "cluster", "example")
+# How a row's conditioning vector is formed: one vocabulary from the head up to the app.
+CONDITIONING = ("batch", "centroid", "example")
 
 
 class HyperNetwork(nn.Module):
@@ -112,7 +114,7 @@ class ConditionedHead(nn.Module):
     def adapters(
         self,
         embeddings: torch.Tensor,
-        mode: str = "batch",
+        conditioning: str = "batch",
         cluster_ids: torch.Tensor | None = None,
         centroids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,14 +124,14 @@ class ConditionedHead(nn.Module):
     def condition(
         self,
         embeddings: torch.Tensor,
-        mode: str = "batch",
+        conditioning: str = "batch",
         cluster_ids: torch.Tensor | None = None,
         centroids: torch.Tensor | None = None,
     ) -> None:
         """Choose the adapters of the rows of ``embeddings`` (N, d) for the next forward passes."""
         if embeddings.dim() != 2:
             raise ValueError(f"embeddings must be (rows, dim), got shape {tuple(embeddings.shape)}")
-        self._A, self._B, groups = self.adapters(embeddings, mode, cluster_ids, centroids)
+        self._A, self._B, groups = self.adapters(embeddings, conditioning, cluster_ids, centroids)
         self._groups = groups.to(self._A.device)
 
     def clear(self) -> None:
@@ -187,12 +189,12 @@ class HyperLoRAHead(ConditionedHead):
     def adapters(
         self,
         embeddings: torch.Tensor,
-        mode: str = "batch",
+        conditioning: str = "batch",
         cluster_ids: torch.Tensor | None = None,
         centroids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One adapter generated per conditioning vector of :func:`condition_groups`."""
-        cond, groups = condition_groups(embeddings, mode, cluster_ids, centroids)
+        cond, groups = condition_groups(embeddings, conditioning, cluster_ids, centroids)
         weight = self.base.weight  # embeddings are often kept on the CPU; the adapter lives beside the head
         A, B = self.hyper(cond.to(weight))
         return A, B, groups
@@ -203,12 +205,12 @@ class ClusterLoRAHead(ConditionedHead):
 
     Initialised as PEFT does each adapter (``init="peft"``: A Kaiming-uniform, B zero, so a fresh
     head is the base head) or as the published code (``"paper"``: both ``0.01 * N(0, 1)``).
-    Rows are routed by cluster id alone: condition it with mode ``"cluster"`` and the rows' ids.
+    Rows are routed by cluster id alone, whatever the conditioning: condition it with the rows' cluster ids.
     """
 
     unconditioned_error = (
         "the lora-per-cluster head has no conditioning: run the model inside "
-        "`with conditioned(model, embeddings, \"cluster\", cluster_ids)` so each row gets its cluster's adapter"
+        "`with conditioned(model, embeddings, \"centroid\", cluster_ids, centroids)` so each row gets its cluster's adapter"
     )
 
     def __init__(self, base: nn.Module, clusters: int, r: int, alpha: float, init: str = "peft"):
@@ -231,15 +233,14 @@ class ClusterLoRAHead(ConditionedHead):
     def adapters(
         self,
         embeddings: torch.Tensor,
-        mode: str = "cluster",
+        conditioning: str = "centroid",
         cluster_ids: torch.Tensor | None = None,
         centroids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The adapters of the clusters present in the batch; the embeddings themselves are not read."""
-        if mode != "cluster" or cluster_ids is None:
+        if cluster_ids is None:
             raise ValueError(
-                "lora-per-cluster routes each row to its training cluster's adapter: "
-                "condition it with mode 'cluster' and the rows' cluster ids"
+                "lora-per-cluster routes each row to its training cluster's adapter: condition it with the rows' cluster ids"
             )
         k = self.lora_A.shape[0]
         ids = cluster_ids.to(self.lora_A.device)
@@ -255,27 +256,30 @@ class ClusterLoRAHead(ConditionedHead):
 
 def condition_groups(
     embeddings: torch.Tensor,
-    mode: str = "batch",
+    conditioning: str = "batch",
     cluster_ids: torch.Tensor | None = None,
     centroids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditioning vectors and each row's group index.
 
-    ``batch``: the mean of the batch's embeddings (the paper). ``cluster``: the mean of the rows
-    that share a cluster id, or the cluster's centroid when ``centroids`` is given; a batch that
-    holds one cluster gets exactly the ``batch`` adapter. ``example``: each row on its own.
+    ``batch``: the mean of the rows batched together (the paper). With ``cluster_ids``, each
+    cluster's rows count as one batch, so a batch mixing clusters gets what batches of one cluster
+    each would. ``centroid``: each cluster's centroid (needs ``cluster_ids`` and ``centroids``).
+    ``example``: each row on its own.
     """
     n = embeddings.shape[0]
-    if mode == "batch":
-        return embeddings.mean(0, keepdim=True), torch.zeros(n, dtype=torch.long, device=embeddings.device)
-    if mode == "example":
+    if conditioning not in CONDITIONING:
+        raise ValueError(f"unknown conditioning {conditioning!r}; choose from {CONDITIONING}")
+    if conditioning == "example":
         return embeddings, torch.arange(n, device=embeddings.device)
-    if mode != "cluster":
-        raise ValueError(f"unknown conditioning mode {mode!r}; choose from {CONDITIONING_MODES}")
     if cluster_ids is None:
-        raise ValueError("conditioning mode 'cluster' needs the rows' cluster ids")
+        if conditioning == "centroid":
+            raise ValueError("conditioning 'centroid' needs the rows' cluster ids and the centroids")
+        return embeddings.mean(0, keepdim=True), torch.zeros(n, dtype=torch.long, device=embeddings.device)
     unique, groups = torch.unique(cluster_ids.to(embeddings.device), return_inverse=True)
-    if centroids is not None:
+    if conditioning == "centroid":
+        if centroids is None:
+            raise ValueError("conditioning 'centroid' needs the centroids as well as the rows' cluster ids")
         return centroids.to(embeddings)[unique], groups
     sums = torch.zeros(len(unique), embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
     sums.index_add_(0, groups, embeddings)
@@ -299,7 +303,7 @@ def conditioned_head(model: nn.Module) -> ConditionedHead | None:
 def conditioned(
     model: nn.Module,
     embeddings: torch.Tensor,
-    mode: str = "batch",
+    conditioning: str = "batch",
     cluster_ids: torch.Tensor | None = None,
     centroids: torch.Tensor | None = None,
 ) -> Iterator[None]:
@@ -308,7 +312,7 @@ def conditioned(
     if head is None:
         yield
         return
-    head.condition(embeddings, mode, cluster_ids, centroids)
+    head.condition(embeddings, conditioning, cluster_ids, centroids)
     try:
         yield
     finally:
@@ -328,7 +332,7 @@ def adapter_diversity(head: ConditionedHead, centroids: torch.Tensor) -> dict:
     was_training = head.training
     head.eval()  # the adapters the head serves: no dropout
     try:
-        A, B, _ = head.adapters(centroids, "cluster", torch.arange(len(centroids)), centroids)
+        A, B, _ = head.adapters(centroids, "centroid", torch.arange(len(centroids)), centroids)
     finally:
         head.train(was_training)
     k = A.shape[0]

@@ -36,7 +36,7 @@ MAX_NEW_TOKENS = 128
 MAX_REQUEST_TOKENS = 640
 MAX_SEED = 2**32 - 1  # k-means and NumPy take 32-bit seeds
 DECODINGS = ("greedy", "sample")
-CLUSTER_MODES = ("centroids", "batch")  # assign to the trained centroids, or k-means on the prompts themselves
+CLUSTERS = ("trained", "prompts")  # assign prompts to the trained clusters, or run k-means on the prompts themselves
 
 
 # ---------------------------------------------------------------- prompts and settings
@@ -70,7 +70,7 @@ def validate_prompts(text: object) -> list[str]:
 class Settings(NamedTuple):
     """One request's settings, checked."""
 
-    mode: str
+    clusters: str  # one of CLUSTERS
     k: int
     max_new_tokens: int
     seed: int
@@ -78,20 +78,20 @@ class Settings(NamedTuple):
 
 
 def check_settings(
-    mode: object, k: object, max_new_tokens: object, seed: object = 0, decoding: object = "greedy"
+    clusters: object, k: object, max_new_tokens: object, seed: object = 0, decoding: object = "greedy"
 ) -> Settings:
     """Raw values (JSON from the API, or the command line) checked in one place, so both give the same messages.
 
     Integers may arrive as whole floats (JSON numbers); strings, booleans and fractions are refused
     rather than guessed at. An empty seed (``None``) means 0.
     """
-    if mode not in CLUSTER_MODES:
-        raise InputError(f"Cluster mode must be one of {_choices(CLUSTER_MODES)}; got {reprlib.repr(mode)}.")
+    if clusters not in CLUSTERS:
+        raise InputError(f"Clusters must be one of {_choices(CLUSTERS)}; got {reprlib.repr(clusters)}.")
     if decoding not in DECODINGS:
         raise InputError(f"Decoding must be one of {_choices(DECODINGS)}; got {reprlib.repr(decoding)}.")
     return Settings(
-        mode,
-        _integer("k (clusters in batch mode)", k, 1, MAX_PROMPTS),
+        clusters,
+        _integer("k (clusters among the prompts)", k, 1, MAX_PROMPTS),
         _integer("Max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
         _integer("Seed", 0 if seed is None else seed, 0, MAX_SEED, "2**32 - 1 (4,294,967,295)"),
         decoding == "sample",
@@ -124,22 +124,22 @@ def embed_prompts(bundle: Bundle, prompts: list[str]) -> torch.Tensor:
 class Assignment:
     labels: torch.Tensor  # (N,) cluster of each prompt
     distances: torch.Tensor  # (N,) Euclidean distance to that cluster's centroid
-    centroids: torch.Tensor  # (k, d) the centroids ``labels`` index; they condition the hyper-network
-    mode: str
+    centroids: torch.Tensor  # (k, d) the centroids ``labels`` index
+    clusters: str  # one of CLUSTERS: whose centroids these are
 
 
-def assign(bundle: Bundle, embeddings: torch.Tensor, mode: str = "centroids", k: int = 3, seed: int = 0) -> Assignment:
+def assign(bundle: Bundle, embeddings: torch.Tensor, clusters: str = "trained", k: int = 3, seed: int = 0) -> Assignment:
     """Nearest trained centroid, or seeded k-means among the prompts (``k`` capped at their number)."""
-    if mode == "centroids":
+    if clusters == "trained":
         if bundle.clusters is None:
-            raise BundleError("this bundle holds no trained clusters; use cluster mode 'batch'")
-        clusters = bundle.clusters
-    elif mode == "batch":
-        clusters, _ = fit_clusters(embeddings, k=min(k, len(embeddings)), seed=seed)
+            raise BundleError("this bundle holds no trained clusters; use clusters 'prompts' (k-means on the prompts)")
+        fitted = bundle.clusters
+    elif clusters == "prompts":
+        fitted, _ = fit_clusters(embeddings, k=min(k, len(embeddings)), seed=seed)
     else:
-        raise ValueError(f"unknown cluster mode {mode!r}; choose from {CLUSTER_MODES}")
-    labels, distances = clusters.assign(embeddings)
-    return Assignment(labels, distances, clusters.centroids, mode)
+        raise ValueError(f"unknown clusters {clusters!r}; choose from {CLUSTERS}")
+    labels, distances = fitted.assign(embeddings)
+    return Assignment(labels, distances, fitted.centroids, clusters)
 
 
 def _positions(model: PreTrainedModel) -> int | None:
@@ -242,10 +242,13 @@ def generate(
     max_new_tokens: int = 32,
     do_sample: bool = False,
     seed: int = 0,
+    conditioning: str = "batch",
 ) -> list[str]:
-    """Continuations of ``prompts`` in one left-padded batch; a hyper head gets each row's cluster adapter.
+    """Continuations of ``prompts`` in one left-padded batch; a conditioned head gets each row's adapter.
 
-    ``prompts`` must fit the model's positions with the new tokens (:func:`fit_prompts` cuts them,
+    Rows that share a cluster id form one group, conditioned as the bundle was trained
+    (``conditioning``, see :data:`~.hyper_head.CONDITIONING`): with ``batch``, the mean of the
+    group's embeddings, as the paper's cluster-homogeneous batch. ``prompts`` must fit the model's positions with the new tokens (:func:`fit_prompts` cuts them,
     so that the embedding and the summary see the same text). Sampling is seeded, so every model
     compared under one seed draws from the same random stream.
     """
@@ -257,7 +260,7 @@ def generate(
     batch = left(prompts, return_tensors="pt", padding=True).to(device)
     _check_fits(model, batch["input_ids"].shape[1], max_new_tokens)
     torch.manual_seed(seed)
-    with conditioned(model, embeddings, "cluster", cluster_ids, centroids):
+    with conditioned(model, embeddings, conditioning, cluster_ids, centroids):
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
     return left.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
@@ -274,22 +277,24 @@ class AdapterView:
 
 @torch.no_grad()
 def adapter_summary(
-    bundle: Bundle, prompts: list[str], assignment: Assignment, top_k: int = 6
+    bundle: Bundle, prompts: list[str], embeddings: torch.Tensor, assignment: Assignment, top_k: int = 6
 ) -> list[AdapterView]:
     """Per cluster: the size of its generated head update and the tokens ``scale * B (A h)`` boosts most.
 
-    ``h`` is the mean final hidden state over the cluster's prompt tokens, so the boost equals
-    the mean logit change the adapter makes on those prompts (the texts the models read,
+    The adapters are those :func:`generate` uses (conditioned as the bundle was trained). ``h`` is
+    each prompt's mean final hidden state over its tokens, so the boost is the mean logit change
+    the adapters make on the cluster's prompts (the texts the models read,
     :attr:`FittedPrompts.texts`). ``||BA||_F`` comes from two r x r Gram matrices; no
     vocabulary-sized matrix is built.
     """
     head = hyper_head(bundle.model)
     if head is None:
         raise BundleError(f"a {bundle.adapter.regime!r} bundle has no generated adapter to summarise")
-    clusters = torch.unique(assignment.labels)
-    A, B = head.hyper(assignment.centroids[clusters].to(head.base.weight))  # (G, r, d), (G, V, r)
+    weight = head.base.weight
+    A, B, groups = head.adapters(embeddings.to(weight), bundle.adapter.conditioning, assignment.labels,
+                                 assignment.centroids)  # (G, r, d), (G, V, r), (N,)
     gram = (B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))
-    norms = head.scale * gram.sum((1, 2)).clamp(min=0).sqrt()
+    norms = head.scale * gram.sum((1, 2)).clamp(min=0).sqrt()  # (G,)
     device = head.base.weight.device
     batch = bundle.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     _check_fits(bundle.model, batch["input_ids"].shape[1])
@@ -297,10 +302,12 @@ def adapter_summary(
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     states = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (N, d) per prompt
     views = []
-    for g, cluster in enumerate(clusters.tolist()):
+    for cluster in torch.unique(assignment.labels).tolist():
         members = assignment.labels.to(device) == cluster
-        boost = head.scale * (B[g] @ (A[g] @ states[members].mean(0)))
+        rows = groups[members]  # each member's adapter: one for the cluster unless conditioning is per example
+        low = torch.einsum("nrd,nd->nr", A[rows], states[members])  # (n, r)
+        boost = head.scale * torch.einsum("nvr,nr->v", B[rows], low) / len(rows)  # (V,) mean logit change
         top = boost.topk(min(top_k, boost.numel()))
         tokens = [(bundle.tokenizer.decode([i]), float(v)) for i, v in zip(top.indices.tolist(), top.values)]
-        views.append(AdapterView(cluster, int(members.sum()), float(norms[g]), tokens))
+        views.append(AdapterView(cluster, int(members.sum()), float(norms[rows].mean()), tokens))
     return views

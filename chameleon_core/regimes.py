@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from .hyper_head import CONDITIONING_MODES, ClusterLoRAHead, ConditionedHead, HyperLoRAHead, HyperNetwork
+from .hyper_head import CONDITIONING, ClusterLoRAHead, ConditionedHead, HyperLoRAHead, HyperNetwork
 from .lora import (
-    LoRALayer, default_targets, features, inject_head_lora, inject_lora, output_head_name, set_module, target_modules,
+    LORA_INITS, LoRALayer, default_targets, features, inject_head_lora, inject_lora, output_head_name, set_module, target_modules,
 )
 
 REGIMES = ("base", "lora-head", "lora", "chameleon", "lora-matched", "chameleon-constant", "lora-per-cluster")
@@ -47,8 +47,13 @@ class AdapterConfig:
     def __post_init__(self):
         if self.regime not in REGIMES:
             raise ValueError(f"unknown regime {self.regime!r}; choose from {REGIMES}")
-        if self.conditioning not in CONDITIONING_MODES:
-            raise ValueError(f"unknown conditioning {self.conditioning!r}; choose from {CONDITIONING_MODES}")
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}; choose from {CONDITIONING}")
+        if self.init not in LORA_INITS:
+            raise ValueError(f"unknown LoRA init {self.init!r}; choose from {LORA_INITS}")
+        if any(size < 1 for size in self.hyper_hidden) or not 0 <= self.hyper_dropout < 1:
+            raise ValueError(f"hyper_hidden sizes must be >= 1 and 0 <= hyper_dropout < 1, got "
+                             f"{self.hyper_hidden} and {self.hyper_dropout}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
 

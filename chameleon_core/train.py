@@ -34,13 +34,13 @@ from .protocols import Encoded, get_protocol
 from .regimes import AdapterConfig, adapter_state, apply_regime, trainable_parameters
 
 SAMPLERS = ("cluster", "random")
-# "centroid" conditions each row on its training cluster's centroid rather than the batch mean.
-TRAIN_CONDITIONING = ("batch", "centroid", "example")
 POINTS_IN_BUNDLE = 2000
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training run. The adapter settings (regime through ``hyper_dropout``) form :attr:`adapter`."""
+
     model: str = "random:tiny-gpt2"
     dataset: str = "synthetic"
     data_dir: str | None = None
@@ -56,7 +56,11 @@ class TrainConfig:
     max_length: int = 256
     context_tokens: int = 32
     sampler: str = "cluster"
-    conditioning: str = "batch"
+    conditioning: str = "batch"  # see hyper_head.CONDITIONING
+    init: str = "peft"
+    targets: tuple[str, ...] = ()  # empty: the architecture's defaults
+    hyper_hidden: tuple[int, ...] = (64, 32)
+    hyper_dropout: float = 0.5
     k: int | None = None  # number of clusters; default N // batch_size (the paper)
     transductive: bool | None = None  # cluster the eval split itself; default: the protocol's (paper: yes)
     max_train_rows: int | None = None
@@ -67,10 +71,19 @@ class TrainConfig:
         get_protocol(self.protocol)  # a ValueError naming the choices
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose from {SAMPLERS}")
-        if self.conditioning not in TRAIN_CONDITIONING:
-            raise ValueError(f"unknown conditioning {self.conditioning!r}; choose from {TRAIN_CONDITIONING}")
+        object.__setattr__(self, "targets", tuple(self.targets))  # lists from JSON or a command line
+        object.__setattr__(self, "hyper_hidden", tuple(self.hyper_hidden))
+        self.adapter  # a ValueError naming a bad adapter setting
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
+
+    @property
+    def adapter(self) -> AdapterConfig:
+        """The adapter this run trains (its cluster count is set once k-means has run)."""
+        return AdapterConfig(
+            regime=self.regime, rank=self.rank, alpha=self.alpha, init=self.init, targets=self.targets,
+            hyper_hidden=self.hyper_hidden, hyper_dropout=self.hyper_dropout, conditioning=self.conditioning,
+        )
 
     @property
     def is_transductive(self) -> bool:
@@ -117,13 +130,10 @@ def _conditioned(model, split: Split, idx: list[int], config: TrainConfig, clust
     """
     device = next(model.parameters()).device
     emb = (split.encoded.cond[idx] if cond is None else cond).to(device)
-    if config.regime == "lora-per-cluster":
-        return conditioned(model, emb, "cluster", clusters.assign(emb)[0])
-    if config.conditioning == "batch":
-        return conditioned(model, emb, "batch")
-    if config.conditioning == "example":
-        return conditioned(model, emb, "example")
-    return conditioned(model, emb, "cluster", clusters.assign(emb)[0], clusters.centroids)
+    routed = config.regime == "lora-per-cluster" or config.conditioning == "centroid"
+    # "batch" reads the whole batch's mean: the batch is one cluster, or (random batches) the ablation's mix
+    ids = clusters.assign(emb)[0] if routed else None
+    return conditioned(model, emb, config.conditioning, ids, clusters.centroids)
 
 
 @torch.no_grad()
@@ -231,7 +241,7 @@ def train(
             "settings, or choose another --out"
         )
     recorded = _recorded_run(out) if resume else None
-    if recorded and recorded.config != _config_dict(config):
+    if recorded and _recorded_config(recorded.config) != _config_dict(config):
         raise ValueError(
             f"{out} holds a run made with a different configuration ({recorded.describe(config)}); resume with its "
             "settings, choose another --out, or pass --overwrite without --resume to replace it"
@@ -239,15 +249,14 @@ def train(
     if resume and (done := finished_run(out, config)):
         return done
     report = progress or (lambda fraction, message: None)
+    began = time.time()
     accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu")
     seed_everything(config.seed)
     report(0.0, f"loading {config.model}")
     model, tokenizer = load_model(config.model, device=str(accelerator.device))
     report(0.05, f"encoding {config.dataset} ({config.protocol} protocol)")
     train_split, val_split, eval_split, clusters, info = prepare(config, model, tokenizer)
-    adapter = apply_regime(
-        model, AdapterConfig(regime=config.regime, rank=config.rank, alpha=config.alpha, clusters=clusters.k)
-    ).config
+    adapter = apply_regime(model, replace(config.adapter, clusters=clusters.k)).config
     pad_id = tokenizer.pad_token_id
     protocol = get_protocol(config.protocol)
     history, start_epoch = [], 0
@@ -290,7 +299,9 @@ def train(
             torch.save({"config": _config_dict(config), "epoch": epoch, "adapter": adapter_state(core), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history}, tmp)
             tmp.replace(checkpoint)
     report(0.95, "evaluating")
-    final = evaluate(core, eval_split, config, clusters, pad_id)
+    # the last epoch's validation pass already scored the evaluation split when the two are one split
+    ran_last_epoch = start_epoch < epochs
+    final = val if ran_last_epoch and eval_split is val_split else evaluate(core, eval_split, config, clusters, pad_id)
     train_loss = history[-1]["train_loss"] if history else evaluate(core, train_split, config, clusters, pad_id)["loss"]
     result = {
         "config": _config_dict(config),
@@ -307,6 +318,7 @@ def train(
         result["eval_shuffled_condition"] = evaluate(core, eval_split, config, clusters, pad_id, shuffle_condition=True)
     if (head := conditioned_head(core)) is not None:
         result["adapter_diversity"] = adapter_diversity(head, clusters.centroids)
+    result["wall_seconds"] = time.time() - began  # this process's share when the run was resumed
     if accelerator.is_main_process:
         sample = torch.randperm(len(train_split.encoded), generator=torch.Generator().manual_seed(0))[:POINTS_IN_BUNDLE]
         points = Points(train_split.encoded.cond[sample], train_split.labels[sample], [train_split.encoded.texts[i][:300] for i in sample])
@@ -326,7 +338,7 @@ def finished_run(out: Path, config: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     done = _read_json(path)
-    return done if done.get("complete") and done.get("config") == _config_dict(config) else None
+    return done if done.get("complete") and _recorded_config(done.get("config")) == _config_dict(config) else None
 
 
 # The files that mark a folder as holding a run, newest state first.
@@ -349,7 +361,7 @@ class RecordedRun:
         """``what: lr: 0.0005 -> 0.01, batch_size: 1000 -> 32`` (recorded -> requested)."""
         if self.config is None:
             return f"{self.what}, which records no training configuration"
-        recorded, wanted = self.config, _config_dict(config)
+        recorded, wanted = _recorded_config(self.config), _config_dict(config)
 
         def show(values: dict, key: str) -> str:
             return repr(values[key]) if key in values else "(not set)"
@@ -413,6 +425,11 @@ def _run_folder(out: str | Path) -> Path:
 
 def _config_dict(config: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(config)))
+
+
+def _recorded_config(recorded: dict | None) -> dict | None:
+    """A recorded run's configuration; settings added since it was recorded read as their defaults."""
+    return None if recorded is None else json.loads(json.dumps({**_config_dict(TrainConfig()), **recorded}))
 
 
 def train_bundle(

@@ -44,7 +44,7 @@ def test_constant_gives_every_row_the_same_adapter_whatever_the_conditioning(tin
     embeddings = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
     with conditioned(model, embeddings, "batch"):
         expected = logits(model, batch)
-    for mode, cond in (("example", embeddings), ("cluster", torch.randn_like(embeddings)), ("batch", -embeddings)):
+    for mode, cond in (("example", embeddings), ("batch", torch.randn_like(embeddings)), ("batch", -embeddings)):
         with conditioned(model, cond, mode, cluster_ids=CLUSTERS):
             assert (logits(model, batch) - expected).abs().max() <= 1e-5, mode
     fresh = copy.deepcopy(model)
@@ -98,7 +98,7 @@ def test_each_row_uses_its_clusters_static_lora(tiny, batch, logits, randomize_l
     with torch.no_grad():
         head.lora_B.normal_(std=0.1)
     embeddings = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
-    with conditioned(model, embeddings, "cluster", CLUSTERS):
+    with conditioned(model, embeddings, "batch", CLUSTERS):
         mixed = logits(model, batch)
     static = adapted(base, "lora")
     static.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("lm_head.lora_")}, strict=False)
@@ -108,7 +108,7 @@ def test_each_row_uses_its_clusters_static_lora(tiny, batch, logits, randomize_l
             static.lm_head.lora_B.copy_(head.lora_B[cluster])
         rows = CLUSTERS == cluster
         assert (mixed[rows] - logits(static, batch)[rows]).abs().max() <= 1e-5
-    with conditioned(model, embeddings, "cluster", torch.full((4,), 2)):
+    with conditioned(model, embeddings, "batch", torch.full((4,), 2)):
         assert (logits(model, batch) - mixed).abs().max() > 1e-2  # clusters really differ
 
 
@@ -116,12 +116,12 @@ def test_per_cluster_routing_needs_valid_cluster_ids(tiny, batch, logits):
     model, _ = tiny
     adapted(model, "lora-per-cluster", clusters=4)
     embeddings = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
-    for mode, ids in (("batch", None), ("example", None), ("cluster", None)):
-        with pytest.raises(ValueError, match="mode 'cluster' and the rows' cluster ids"), conditioned(model, embeddings, mode, ids):
+    for conditioning in ("batch", "example", "centroid"):
+        with pytest.raises(ValueError, match="condition it with the rows' cluster ids"), conditioned(model, embeddings, conditioning):
             pass
-    with pytest.raises(ValueError, match=r"must lie in \[0, 4\).*got 1\.\.4"), conditioned(model, embeddings, "cluster", CLUSTERS + 1):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\).*got 1\.\.4"), conditioned(model, embeddings, "batch", CLUSTERS + 1):
         pass
-    with pytest.raises(RuntimeError, match=r"lora-per-cluster head has no conditioning.*conditioned\(model, embeddings, \"cluster\", cluster_ids\)"):
+    with pytest.raises(RuntimeError, match=r"lora-per-cluster head has no conditioning.*conditioned\(model, embeddings, \"centroid\", cluster_ids, centroids\)"):
         logits(model, batch)
 
 
@@ -133,7 +133,7 @@ def test_per_cluster_gradients_reach_only_the_batchs_clusters(tiny, batch):
         head.lora_B.normal_(std=0.1)  # with B = 0, A gets no gradient
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     embeddings = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
-    with conditioned(model, embeddings, "cluster", CLUSTERS):
+    with conditioned(model, embeddings, "batch", CLUSTERS):
         model(**batch, labels=labels).loss.backward()
     touched = [bool(head.lora_A.grad[c].abs().sum() > 0 and head.lora_B.grad[c].abs().sum() > 0) for c in range(5)]
     assert touched == [True, True, False, True, False]
@@ -150,7 +150,7 @@ def test_bundle_round_trip(tiny, batch, tmp_path, regime):
     embeddings = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
 
     def run(m) -> torch.Tensor:
-        with torch.no_grad(), conditioned(m, embeddings, "cluster", CLUSTERS):
+        with torch.no_grad(), conditioned(m, embeddings, "batch", CLUSTERS):
             return m(**batch).logits
 
     save_bundle(tmp_path, model, tokenizer, config)

@@ -91,10 +91,10 @@ def client(served) -> Client:
     return Client(served[1], verbose=False)
 
 
-def compare(client: Client, prompts: str, mode="centroids", k=3, max_new_tokens=8, decoding="greedy", seed=0):
+def compare(client: Client, prompts: str, clusters="trained", k=3, max_new_tokens=8, decoding="greedy", seed=0):
     """The /compare endpoint: (figure dict, assignments rows, generations rows, adapter rows, status)."""
     plot, assignments, generations, adapters, status = client.predict(
-        prompts, mode, k, max_new_tokens, decoding, seed, api_name="/compare"
+        prompts, clusters, k, max_new_tokens, decoding, seed, api_name="/compare"
     )
     return json.loads(plot["plot"]), assignments["data"], generations, adapters["data"], status
 
@@ -134,11 +134,11 @@ def test_greedy_repeats_and_sampling_follows_the_seed(client):
     assert generations(decoding="sample", seed=1) != generations(decoding="sample", seed=2)
 
 
-def test_batch_mode_clusters_the_prompts_themselves(client):
-    _, assignments, _, adapters, _ = compare(client, "\n".join(SIX_DOMAINS[:4]), mode="batch", k=2)
+def test_prompt_clusters_come_from_k_means_on_the_prompts(client):
+    _, assignments, _, adapters, _ = compare(client, "\n".join(SIX_DOMAINS[:4]), clusters="prompts", k=2)
     assert {row[2] for row in assignments} == {0, 1}
     assert len(adapters) == 2
-    _, assignments, _, adapters, _ = compare(client, "\n".join(SIX_DOMAINS[:3]), mode="batch", k=8)
+    _, assignments, _, adapters, _ = compare(client, "\n".join(SIX_DOMAINS[:3]), clusters="prompts", k=8)
     assert {row[2] for row in assignments} == {0, 1, 2}  # k capped at the number of prompts
 
 
@@ -163,20 +163,20 @@ SEED_RANGE = re.escape("Seed must be an integer from 0 to 2**32 - 1 (4,294,967,2
         ("hello", {"seed": 1e300}, SEED_RANGE + re.escape("1e+300")),
         ("hello", {"seed": 0.5}, SEED_RANGE + "0.5"),
         ("hello", {"seed": "7"}, SEED_RANGE + "'7'"),
-        ("hello", {"k": 0}, re.escape("k (clusters in batch mode) must be an integer from 1 to 32; got 0.")),
-        ("hello", {"k": 33}, re.escape("k (clusters in batch mode) must be an integer from 1 to 32; got 33.")),
-        ("hello", {"k": "three"}, re.escape("k (clusters in batch mode) must be an integer from 1 to 32; got 'three'.")),
-        ("hello", {"k": None}, re.escape("k (clusters in batch mode) must be an integer from 1 to 32; got None.")),
+        ("hello", {"k": 0}, re.escape("k (clusters among the prompts) must be an integer from 1 to 32; got 0.")),
+        ("hello", {"k": 33}, re.escape("k (clusters among the prompts) must be an integer from 1 to 32; got 33.")),
+        ("hello", {"k": "three"}, re.escape("k (clusters among the prompts) must be an integer from 1 to 32; got 'three'.")),
+        ("hello", {"k": None}, re.escape("k (clusters among the prompts) must be an integer from 1 to 32; got None.")),
         ("hello", {"max_new_tokens": 0}, "Max new tokens must be an integer from 1 to 128; got 0"),
         ("hello", {"max_new_tokens": 129}, "Max new tokens must be an integer from 1 to 128; got 129"),
         ("hello", {"max_new_tokens": "8"}, "Max new tokens must be an integer from 1 to 128; got '8'"),
         ("hello", {"max_new_tokens": None}, "Max new tokens must be an integer from 1 to 128; got None"),
-        ("hello", {"mode": "nearest"}, "Cluster mode must be one of 'centroids' or 'batch'; got 'nearest'"),
+        ("hello", {"clusters": "nearest"}, "Clusters must be one of 'trained' or 'prompts'; got 'nearest'"),
         ("hello", {"decoding": "beam"}, "Decoding must be one of 'greedy' or 'sample'; got 'beam'"),
     ],
     ids=["empty", "whitespace", "none", "number", "too-many", "too-long", "bell", "nul", "seed-negative", "seed-2**32",
          "seed-2**64", "seed-10**30", "seed-1e300", "seed-fraction", "seed-string", "k-0", "k-33", "k-string", "k-none",
-         "tokens-0", "tokens-129", "tokens-string", "tokens-none", "mode", "decoding"],
+         "tokens-0", "tokens-129", "tokens-string", "tokens-none", "clusters", "decoding"],
 )
 def test_bad_input_gets_a_specific_message(client, capfd, prompts, settings, message):
     with pytest.raises(AppError, match=message) as raised:
@@ -267,7 +267,7 @@ def test_eight_simultaneous_calls_all_complete_correctly(served, client):
     bundle_set = served[0].bundle_set
     batches = [SIX_DOMAINS[i % 6 :] + SIX_DOMAINS[: i % 6] for i in range(8)]
     batches = [batch[: 1 + i % 6] for i, batch in enumerate(batches)]
-    jobs = [client.submit("\n".join(batch), "centroids", 3, 6, "greedy", 0, api_name="/compare") for batch in batches]
+    jobs = [client.submit("\n".join(batch), "trained", 3, 6, "greedy", 0, api_name="/compare") for batch in batches]
     for batch, job in zip(batches, jobs):
         rows = job.result(timeout=120)[2]["data"]
         expected = bundle_set.compare(batch, max_new_tokens=6).rows()
@@ -277,7 +277,7 @@ def test_eight_simultaneous_calls_all_complete_correctly(served, client):
 def test_compare_is_a_named_api_endpoint(client):
     endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/compare"]
     names = [p["parameter_name"] for p in endpoint["parameters"]]
-    assert names == ["prompts", "cluster_mode", "k", "max_new_tokens", "decoding", "seed"]
+    assert names == ["prompts", "clusters", "k", "max_new_tokens", "decoding", "seed"]
     assert len(endpoint["returns"]) == 5
 
 

@@ -38,7 +38,7 @@ def conditioned_logits(model, batch: BatchEncoding, clusters: Clusters | None = 
     if clusters is None:
         context = conditioned(model, embeddings)
     else:
-        context = conditioned(model, embeddings, "cluster", clusters.assign(embeddings)[0], clusters.centroids)
+        context = conditioned(model, embeddings, "centroid", clusters.assign(embeddings)[0], clusters.centroids)
     with torch.no_grad(), context:
         return model(**batch).logits
 

@@ -70,7 +70,7 @@ def test_two_instructions_get_three_fluent_answers_that_differ(served):
     engine, url = served
     assert engine.bundle_set.path == COMMITTED
     _, _, generations, _, status = Client(url, verbose=False).predict(
-        "\n".join(INSTRUCTIONS), "centroids", 3, 48, "greedy", 0, api_name="/compare"
+        "\n".join(INSTRUCTIONS), "trained", 3, 48, "greedy", 0, api_name="/compare"
     )
     assert "smollm2" in status and "alpaca" in status
     for number, prompt, *answers in generations["data"]:

@@ -46,14 +46,14 @@ def test_gpt2_small_head_parameter_counts(gpt2_small, regime, head_count):
     assert trainable_parameters(head) == head_count == {"chameleon": 6_786_596, "lora-head": 204_100}[regime]
 
 
-@pytest.mark.parametrize("mode", ["cluster", "example"])
-def test_mixed_batch_in_one_pass_equals_each_group_on_its_own(chameleon, batch, logits, mode):
+@pytest.mark.parametrize("conditioning", ["batch", "example"])
+def test_mixed_batch_in_one_pass_equals_each_group_on_its_own(chameleon, batch, logits, conditioning):
     model, embeddings = chameleon
-    with conditioned(model, embeddings, mode, cluster_ids=CLUSTERS):
+    with conditioned(model, embeddings, conditioning, cluster_ids=CLUSTERS):
         mixed = logits(model, batch)
     with conditioned(model, embeddings, "batch"):
         assert (logits(model, batch) - mixed).abs().max() > 1e-2  # per-group adapters really differ
-    groups = [[0, 2], [1], [3]] if mode == "cluster" else [[0], [1], [2], [3]]
+    groups = [[0, 2], [1], [3]] if conditioning == "batch" else [[0], [1], [2], [3]]
     for index in groups:
         alone = rows(batch, index)
         with conditioned(model, embeddings[index], "batch"):
@@ -62,20 +62,20 @@ def test_mixed_batch_in_one_pass_equals_each_group_on_its_own(chameleon, batch, 
         assert (mixed[index, : real.shape[1]][real] - separate[real]).abs().max() <= 1e-5
 
 
-def test_cluster_mode_on_one_cluster_is_batch_mode(chameleon, batch, logits):
+def test_batch_of_one_cluster_is_conditioned_on_its_mean_with_or_without_ids(chameleon, batch, logits):
     model, embeddings = chameleon
     with conditioned(model, embeddings, "batch"):
         expected = logits(model, batch)
-    with conditioned(model, embeddings, "cluster", cluster_ids=torch.full((4,), 7)):
+    with conditioned(model, embeddings, "batch", cluster_ids=torch.full((4,), 7)):
         assert (logits(model, batch) - expected).abs().max() <= 1e-5
 
 
 def test_centroids_condition_each_cluster(chameleon, batch, logits):
     model, embeddings = chameleon
     centroids = torch.nn.functional.normalize(torch.randn(5, embeddings.shape[1]), dim=-1)
-    cond, groups = condition_groups(embeddings, "cluster", CLUSTERS, centroids)
+    cond, groups = condition_groups(embeddings, "centroid", CLUSTERS, centroids)
     assert torch.equal(cond, centroids[[0, 1, 3]]) and groups.tolist() == [2, 1, 2, 0]
-    with conditioned(model, embeddings, "cluster", cluster_ids=CLUSTERS, centroids=centroids):
+    with conditioned(model, embeddings, "centroid", cluster_ids=CLUSTERS, centroids=centroids):
         mixed = logits(model, batch)
     for index, cluster in (([0, 2], 3), ([1], 1), ([3], 0)):
         alone = rows(batch, index)
@@ -87,10 +87,12 @@ def test_centroids_condition_each_cluster(chameleon, batch, logits):
 
 def test_condition_groups_rejects_bad_modes():
     embeddings = torch.randn(3, 8)
-    with pytest.raises(ValueError, match="unknown conditioning mode 'dataset'"):
-        condition_groups(embeddings, "dataset")
-    with pytest.raises(ValueError, match="needs the rows' cluster ids"):
+    with pytest.raises(ValueError, match="unknown conditioning 'cluster'"):
         condition_groups(embeddings, "cluster")
+    with pytest.raises(ValueError, match="'centroid' needs the rows' cluster ids and the centroids"):
+        condition_groups(embeddings, "centroid")
+    with pytest.raises(ValueError, match="'centroid' needs the centroids"):
+        condition_groups(embeddings, "centroid", torch.tensor([0, 1, 0]))
 
 
 def test_forward_without_conditioning_raises(chameleon, batch, logits):
@@ -119,7 +121,7 @@ def test_training_step_changes_only_the_adapters(chameleon, batch):
     embedding = model.get_input_embeddings().weight.detach().clone()
     hyper = {name: p.detach().clone() for name, p in hyper_head(model).hyper.named_parameters()}
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    with conditioned(model, embeddings, "cluster", cluster_ids=CLUSTERS):
+    with conditioned(model, embeddings, "batch", cluster_ids=CLUSTERS):
         model(**batch, labels=labels).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in hyper_head(model).hyper.parameters())
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
@@ -187,20 +189,20 @@ def many_rows(tiny, randomize_lora):
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-@pytest.mark.parametrize("mode, n_groups", [("cluster", 16), ("example", 20)])
-def test_many_groups_in_one_pass_equal_each_group_alone(many_rows, logits, mode, n_groups):
+@pytest.mark.parametrize("conditioning, n_groups", [("centroid", 16), ("example", 20)])
+def test_many_groups_in_one_pass_equal_each_group_alone(many_rows, logits, conditioning, n_groups):
     """16 clusters in 20 rows, and every row its own group: the gathered pass equals each group run alone."""
     model, batch = many_rows
     embeddings = mean_embedding(model, batch["input_ids"])
     centroids = F.normalize(torch.randn(n_groups, embeddings.shape[1]), dim=-1)
     cluster_ids = torch.randperm(20) % n_groups  # every cluster present, rows of a cluster scattered
-    with conditioned(model, embeddings, mode, cluster_ids, centroids):
+    with conditioned(model, embeddings, conditioning, cluster_ids, centroids):
         mixed = logits(model, batch)
     with conditioned(model, embeddings, "batch"):
         assert (logits(model, batch) - mixed).abs().max() > 1e-2  # per-group adapters really differ
     for g in range(n_groups):
-        index = (cluster_ids == g).nonzero().flatten().tolist() if mode == "cluster" else [g]
-        cond = centroids[g : g + 1] if mode == "cluster" else embeddings[g : g + 1]
+        index = (cluster_ids == g).nonzero().flatten().tolist() if conditioning == "centroid" else [g]
+        cond = centroids[g : g + 1] if conditioning == "centroid" else embeddings[g : g + 1]
         with conditioned(model, cond, "batch"):
             alone = logits(model, {key: value[index] for key, value in batch.items()})
         assert (mixed[index] - alone).abs().max() <= 1e-5
@@ -220,7 +222,7 @@ def test_mixed_batch_gradients_are_the_sum_of_each_groups(many_rows):
     embeddings = mean_embedding(model, batch["input_ids"])
     cluster_ids = torch.arange(20) % 16
     centroids = F.normalize(torch.randn(16, embeddings.shape[1]), dim=-1)
-    with conditioned(model, embeddings, "cluster", cluster_ids, centroids):
+    with conditioned(model, embeddings, "centroid", cluster_ids, centroids):
         mixed = torch.autograd.grad(_summed_loss(model, batch), params)
     separate = [torch.zeros_like(p) for p in params]
     for g in range(16):

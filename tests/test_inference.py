@@ -84,9 +84,9 @@ def test_generate_refuses_an_uncut_prompt_instead_of_indexing_past_the_positions
 
 @pytest.mark.parametrize(
     "raw, clean",
-    [(("centroids", 3, 32), ("centroids", 3, 32, 0, False)),
-     (("batch", 3.0, 128.0, 4294967295.0, "sample"), ("batch", 3, 128, 2**32 - 1, True)),  # JSON numbers
-     (("centroids", 1, 1, None), ("centroids", 1, 1, 0, False))],  # an empty seed box
+    [(("trained", 3, 32), ("trained", 3, 32, 0, False)),
+     (("prompts", 3.0, 128.0, 4294967295.0, "sample"), ("prompts", 3, 128, 2**32 - 1, True)),  # JSON numbers
+     (("trained", 1, 1, None), ("trained", 1, 1, 0, False))],  # an empty seed box
 )
 def test_settings_come_back_as_clean_ints(raw, clean):
     settings = check_settings(*raw)
@@ -105,7 +105,7 @@ def test_the_generate_command_refuses_a_negative_seed_in_one_line(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [(["--seed", str(2**32)], "Seed must be an integer from 0 to 2**32 - 1 (4,294,967,295); got 4294967296."),
-     (["--k", "0"], "k (clusters in batch mode) must be an integer from 1 to 32; got 0."),
+     (["--k", "0"], "k (clusters among the prompts) must be an integer from 1 to 32; got 0."),
      (["--max-new-tokens", "129"], "Max new tokens must be an integer from 1 to 128; got 129.")],
 )
 def test_the_generate_command_gives_the_apps_messages(tmp_path, capsys, flags, message):

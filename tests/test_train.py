@@ -168,7 +168,7 @@ def test_overwrite_replaces_a_finished_run(tmp_path):
     finished(tmp_path / "run", TrainConfig(**{**TINY, "lr": 0.01}))
     config = TrainConfig(**{**TINY, "max_train_rows": 48, "max_eval_rows": 16, "max_length": 48}, regime="lora", epochs=1)
     result = train(config, tmp_path / "run", overwrite=True, show_progress=False)
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"] == result["config"] == asdict(config)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["config"] == result["config"] == json.loads(json.dumps(asdict(config)))
     assert train(config, tmp_path / "run", resume=True) == json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
