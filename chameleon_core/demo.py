@@ -175,8 +175,11 @@ def demo_set_name(model_name: str, dataset: str) -> str:
 def build_bundle_set(
     model_name: str, out: str | Path, dataset: str = "synthetic", data_dir: str | None = None, seed: int = 0,
     settings: dict | None = None, progress: Progress = _silent,
+    base: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
 ) -> Path:
     """Train a static-LoRA and ChameleonLLM pair on the same data (``settings``: default :data:`DEMO_SETTINGS`).
+
+    ``base``: ``model_name`` already loaded; each bundle trains a copy, so it stays the base model.
 
     Training happens in ``<out>.partial`` (an interrupted build resumes there) and the folder is
     renamed when both bundles are done, so ``out`` is never half written.
@@ -193,8 +196,9 @@ def build_bundle_set(
             bar.update(round(100 * done) - bar.n)
             progress(done, f"training {COMPARED[regime]}: {message}")
 
+        copied = None if base is None else (copy.deepcopy(base[0]), base[1])
         train_bundle(model_name, dataset, regime, partial / regime, data_dir=data_dir, seed=seed, progress=report,
-                     **(DEMO_SETTINGS if settings is None else settings))
+                     base=copied, **(DEMO_SETTINGS if settings is None else settings))
     bar.close()
     shutil.move(partial, out)
     return out
@@ -325,6 +329,7 @@ def open_bundle_set(
             if out.exists():
                 raise BundleError(f"{out} exists but was not trained on {model_name}; move it away or pass --bundle")
             path = build_bundle_set(model_name, out, dataset, data_dir,
-                                    settings={**DEMO_SETTINGS, "max_train_rows": max_train_rows}, progress=lambda f, m: progress(0.05 + 0.85 * f, m))
+                                    settings={**DEMO_SETTINGS, "max_train_rows": max_train_rows}, progress=lambda f, m: progress(0.05 + 0.85 * f, m),
+                                    base=(model, tokenizer))
     progress(0.9, f"loading the bundle set {path.name}")
     return BundleSet.load(path, model, tokenizer)

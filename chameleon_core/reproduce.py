@@ -98,6 +98,7 @@ def reproduce(
     results = {"setup": {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")}, "protocols": {}}
     for protocol in protocols:
         table, curves, diversity, not_run, first = {}, {}, {}, [], None  # first: a finished run, for the split's facts
+        timed = []  # every finished run's wall time (runs recorded before it was measured have none)
         for name, (overrides, row_seeds) in grid.items():
             runs = []
             gather = collect_only or (only is not None and f"{protocol}/{_slug(name)}" not in only)
@@ -114,6 +115,7 @@ def reproduce(
                 not_run.append(name)
                 continue
             first = first or runs[0]
+            timed += [r.get("wall_seconds") for r in runs]
             table[name] = _row(runs)
             curves[name] = runs[0]["history"]
             if name == "chameleon":
@@ -125,8 +127,11 @@ def reproduce(
         results["protocols"][protocol] = {
             "eval_split": first["eval_split"], "rows": first["rows"], "dropped_rows": first["dropped_rows"],
             "k": first["k"], "padding_share": first["padding_share"], "table": table, "curves": curves, "not_run": not_run,
-            "adapter_diversity": diversity,
+            "adapter_diversity": diversity, "runs": len(timed),
+            "wall_seconds": sum(timed) if None not in timed else None,
         }
+        if "base" in table:
+            results["model_parameters"] = table["base"]["total_parameters"]
         _plot_curves(curves, protocol, out / f"curves-{protocol}.html")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results))
@@ -178,14 +183,19 @@ def comparisons(table: dict) -> list[str]:
         if row not in table or reference not in table:
             continue
         a, b = table[row]["val_loss"], table[reference]["val_loss"]
-        diff = a["mean"] - b["mean"]
-        spread = max((stat["std"] for stat in (a, b) if stat["n"] > 1), default=None)
+        diff, spread = difference(table, row, reference)
         verdict = "lower" if diff < 0 else "higher"
         if spread is not None and abs(diff) <= spread:
             verdict = f"within the seed spread of ± {spread:.4f}"
         params = f"{table[row]['trainable_parameters']:,} vs {table[reference]['trainable_parameters']:,} trainable"
         lines.append(f"- {question}: val loss {a['mean']:.4f} vs {b['mean']:.4f}, {diff:+.4f} ({verdict}); {params}")
     return lines
+
+
+def difference(table: dict, row: str, reference: str) -> tuple[float, float | None]:
+    """``row``'s mean validation loss minus ``reference``'s, and the larger seed std of the two (None: one seed each)."""
+    a, b = table[row]["val_loss"], table[reference]["val_loss"]
+    return a["mean"] - b["mean"], max((stat["std"] for stat in (a, b) if stat["n"] > 1), default=None)
 
 
 def _fmt(stat: dict, digits: int = 4) -> str:
@@ -196,12 +206,19 @@ def _fmt(stat: dict, digits: int = 4) -> str:
 def results_markdown(results: dict) -> str:
     """The paper-style tables, one per protocol, with the facts needed to read them."""
     setup = results["setup"]
+    train_rows = next((b["rows"]["train"] for b in results["protocols"].values()), None)
+    sizes = f"{train_rows:,} training rows" if train_rows is not None else "training rows: none finished"
     lines = [
         f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {setup['epochs']} epochs, batch {setup['batch_size']}, "
         f"rank {setup['rank']}, alpha {setup['alpha']:g} (scale alpha / rank = {setup['alpha'] / setup['rank']:g}), "
-        f"lr {setup['lr']}. Mean ± std over seeds where n > 1.",
+        f"lr {setup['lr']}; {sizes} of at most {setup['max_length']} tokens. Mean ± std over seeds where n > 1.",
         "",
     ]
+    timed = [b for b in results["protocols"].values() if b.get("wall_seconds") is not None]
+    if timed:
+        hours = sum(b["wall_seconds"] for b in timed) / 3600
+        lines += [f"Measured time: {sum(b['runs'] for b in timed)} runs took {hours:.1f} h of wall time in all "
+                  "(loading, clustering, training and evaluation).", ""]
     titles = {"paper": "Published protocol (`paper`): last position, no shift, padding scored",
               "causal": "Correct protocol (`causal`): next-token loss, padding masked, no target leakage"}
     for protocol, block in results["protocols"].items():

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .bundle import Points, load_bundle, read_bundle_config, save_bundle
 from .clustering import ClusterBatchSampler, Clusters, RandomBatchSampler, fit_clusters
@@ -224,6 +225,7 @@ def _write_metrics(out: Path, result: dict) -> None:
 def train(
     config: TrainConfig, out: str | Path, resume: bool = False, progress: Callable[[float, str], None] | None = None,
     show_progress: bool = True, overwrite: bool = False,
+    base: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
 ) -> dict:
     """Train one regime, evaluate it, and write the run folder (a loadable bundle + metrics).
 
@@ -231,6 +233,7 @@ def train(
     folder is returned as it is when ``resume`` is set. Nothing is lost silently: ``resume``
     refuses a folder made with another configuration, and a fresh run refuses a folder that
     already holds a run unless ``overwrite``. Both are checked before any model is loaded.
+    ``base``: ``config.model`` already loaded, which this run adapts in place (pass a copy to keep it).
     """
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
@@ -251,9 +254,12 @@ def train(
     report = progress or (lambda fraction, message: None)
     began = time.time()
     accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu")
-    seed_everything(config.seed)
     report(0.0, f"loading {config.model}")
-    model, tokenizer = load_model(config.model, device=str(accelerator.device))
+    if base is None:
+        model, tokenizer = load_model(config.model, device=str(accelerator.device))
+    else:
+        model, tokenizer = base[0].to(accelerator.device), base[1]
+    seed_everything(config.seed)  # after loading: a random model seeds itself while it is built
     report(0.05, f"encoding {config.dataset} ({config.protocol} protocol)")
     train_split, val_split, eval_split, clusters, info = prepare(config, model, tokenizer)
     adapter = apply_regime(model, replace(config.adapter, clusters=clusters.k)).config
@@ -434,11 +440,12 @@ def _recorded_config(recorded: dict | None) -> dict | None:
 
 def train_bundle(
     model: str, dataset: str, regime: str, out: str | Path, *, data_dir: str | None = None, seed: int = 0,
-    progress: Callable[[float, str], None] | None = None, **settings,
+    progress: Callable[[float, str], None] | None = None,
+    base: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None, **settings,
 ) -> Path:
     """A trained bundle for a demo (causal protocol); ``settings`` are :class:`TrainConfig` fields."""
     config = TrainConfig(model=model, dataset=dataset, data_dir=data_dir, regime=regime, seed=seed, **settings)
-    train(config, out, resume=True, progress=progress)
+    train(config, out, resume=True, progress=progress, base=base)
     return Path(out)
 
 
