@@ -1,0 +1,80 @@
+"""One conditioning vocabulary, carried by the adapter config from a training run to generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chameleon_core import AdapterConfig, apply_regime, hyper_head, load_model, mean_embedding
+from chameleon_core.cli import build_parser
+from chameleon_core.hyper_head import CONDITIONING
+from chameleon_core.inference import generate
+from chameleon_core.train import TrainConfig, train
+
+# Four prompts of the same token length, so a batch needs no padding and rows are comparable alone.
+PROMPTS = ["a b c d", "h g f e", "a b a b", "d c b a"]
+CLUSTER_IDS = torch.tensor([0, 1, 0, 1])
+
+
+def test_every_entry_point_takes_the_same_conditioning_names():
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    conditioning = next(a for a in train_parser._actions if a.dest == "conditioning")
+    assert tuple(conditioning.choices) == CONDITIONING == ("batch", "centroid", "example")
+    for bad in ("cluster", "centroids"):
+        with pytest.raises(ValueError, match=rf"unknown conditioning '{bad}'; choose from \('batch', 'centroid', 'example'\)"):
+            TrainConfig(conditioning=bad)
+        with pytest.raises(ValueError, match=f"unknown conditioning '{bad}'"):
+            AdapterConfig(conditioning=bad)
+
+
+def test_the_training_config_carries_every_adapter_setting():
+    config = TrainConfig(regime="chameleon", rank=2, alpha=8.0, init="paper", targets=["c_attn"], hyper_hidden=[16],
+                         hyper_dropout=0.1, conditioning="example")
+    assert config.adapter == AdapterConfig("chameleon", 2, 8.0, "paper", ("c_attn",), (16,), 0.1, "example")
+    with pytest.raises(ValueError, match="unknown LoRA init 'xavier'"):
+        TrainConfig(init="xavier")
+    with pytest.raises(ValueError, match=r"hyper_hidden sizes must be >= 1 and 0 <= hyper_dropout < 1, got \(0,\)"):
+        TrainConfig(hyper_hidden=(0,))
+
+
+def test_a_training_run_builds_the_adapter_its_config_names(tmp_path):
+    config = TrainConfig(model="random:tiny-gpt2", dataset="synthetic", regime="chameleon", epochs=1, max_length=48,
+                         max_train_rows=48, max_eval_rows=16, batch_size=16, hyper_hidden=(16,), hyper_dropout=0.0,
+                         conditioning="centroid")
+    result = train(config, tmp_path / "run", show_progress=False)
+    adapter = json.loads((tmp_path / "run" / "config.json").read_text())["adapter"]
+    assert (adapter["hyper_hidden"], adapter["hyper_dropout"], adapter["conditioning"]) == ([16], 0.0, "centroid")
+    assert result["adapter"]["clusters"] == result["k"] > 1
+
+
+@pytest.fixture
+def chameleon():
+    """A tiny GPT-2 with a ChameleonLLM head whose generated adapter clearly depends on its input."""
+    model, tokenizer = load_model("random:tiny-gpt2")
+    apply_regime(model, AdapterConfig("chameleon", rank=4))
+    with torch.no_grad():
+        hyper_head(model).hyper.net[-1].weight.normal_(std=0.5)
+    model.eval()
+    batch = tokenizer(PROMPTS, return_tensors="pt")
+    assert batch["attention_mask"].all()  # equal lengths: no padding anywhere
+    return model, tokenizer, mean_embedding(model, batch["input_ids"])
+
+
+@pytest.mark.parametrize("conditioning", ["batch", "centroid"])
+def test_generate_conditions_each_cluster_as_the_bundle_was_trained(chameleon, conditioning):
+    model, tokenizer, embeddings = chameleon
+    centroids = torch.nn.functional.normalize(torch.randn(2, embeddings.shape[1]), dim=-1)
+    settings = dict(max_new_tokens=6, conditioning=conditioning)
+    mixed = generate(model, tokenizer, PROMPTS, embeddings, CLUSTER_IDS, centroids, **settings)
+    for cluster in (0, 1):
+        rows = (CLUSTER_IDS == cluster).nonzero().flatten().tolist()
+        # alone, the cluster's rows are one batch: "batch" reads their mean, "centroid" their centroid
+        cond = embeddings[rows].mean(0, keepdim=True) if conditioning == "batch" else centroids[cluster : cluster + 1]
+        alone = generate(model, tokenizer, [PROMPTS[i] for i in rows], cond.expand(len(rows), -1),
+                         torch.zeros(len(rows), dtype=torch.long), None, max_new_tokens=6, conditioning="batch")
+        assert [mixed[i] for i in rows] == alone
+    other = "centroid" if conditioning == "batch" else "batch"
+    assert generate(model, tokenizer, PROMPTS, embeddings, CLUSTER_IDS, centroids, max_new_tokens=6,
+                    conditioning=other) != mixed  # the conditioning read really changes what is generated
