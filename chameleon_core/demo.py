@@ -2,9 +2,10 @@
 
 A *bundle set* is a folder holding a ``lora/`` and a ``chameleon/`` bundle trained on the same data.
 This module finds the set for a model (by its weights' fingerprint) or builds a small one, maps the
-training points in 2-D, and compares the three models on new prompts through :mod:`.inference`.
-The app and the ``generate`` command's bundle-set form use it. Serving a set never imports
-training; only :func:`build_bundle_set` does, when it trains.
+training points in 2-D, and compares the three models on new prompts through :mod:`.inference`:
+one request, or several merged into one mixed batch, each answered exactly as it would be alone.
+The app (through the scheduler in :mod:`.serving`) and the ``generate`` command's bundle-set form
+use it. Serving a set never imports training; only :func:`build_bundle_set` does, when it trains.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pickle
 import re
 import shutil
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,17 +29,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .bundle import Bundle, BundleError, Points, load_bundle, read_bundle_config
 from .clustering import Clusters
-from .hyper_head import hyper_head
+from .hyper_head import condition_groups, hyper_head
 from .inference import (
     AdapterView,
     Assignment,
     FittedPrompts,
+    InputError,
+    Settings,
     adapter_summary,
     assign,
     check_settings,
     embed_prompts,
     fit_prompts,
-    generate,
+    generate_rows,
+    row_seeds,
 )
 from .models import default_cache_dir, load_model, model_fingerprint
 
@@ -53,6 +58,13 @@ Progress = Callable[[float, str], None]
 
 
 def _silent(fraction: float, message: str) -> None:
+    pass
+
+
+Report = Callable[[int, "Comparison"], None]  # (request's index in the batch, its comparison so far)
+
+
+def _unreported(index: int, comparison: Comparison) -> None:
     pass
 
 
@@ -208,6 +220,7 @@ class BundleSet:
     """A base model with its static-LoRA and ChameleonLLM bundles, ready to compare on new prompts.
 
     One lock serialises the models: the hyper head holds its conditioning while it generates.
+    Another guards the map's projection, so placing prompts on it never waits for a generation.
     """
 
     def __init__(self, path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: Bundle, chameleon: Bundle):
@@ -222,6 +235,7 @@ class BundleSet:
         self.points = chameleon.points or Points(clusters.centroids, torch.arange(clusters.k), [f"centroid {c}" for c in range(clusters.k)])
         self.template = chameleon.metadata.get("prompt_template", "{prompt}")
         self.lock = threading.Lock()
+        self._map_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> BundleSet:
@@ -243,7 +257,7 @@ class BundleSet:
 
     def place(self, embeddings: torch.Tensor) -> np.ndarray:
         """(N, 2) map coordinates of new inputs, next to the training points' ``projection.coords``."""
-        with self.lock:
+        with self._map_lock:
             return self.projection.transform(embeddings)
 
     def describe(self) -> dict:
@@ -258,31 +272,154 @@ class BundleSet:
 
     def compare(
         self, prompts: list[str], clusters: str = "trained", k: int = 3, max_new_tokens: int = 32,
-        do_sample: bool = False, seed: int = 0, progress: Progress = _silent,
+        do_sample: bool = False, seed: int = 0,
     ) -> Comparison:
-        """Cut, embed, assign, generate with all three models and summarise the generated adapters.
+        """One request alone: cut, embed, assign, generate with all three models and summarise the generated adapters.
 
         Every step reads the same cut prompts (:func:`fit_prompts`); an :class:`InputError` says
-        what to change when a setting is out of range or the request exceeds its token budget.
+        what to change when a setting is out of range or the request exceeds its token budget. It
+        runs as a batch of one through :meth:`compare_batch`, the path a scheduler's merged batches
+        take, so a request answers the same alone and merged.
         """
-        clusters, k, max_new_tokens, seed, _ = check_settings(clusters, k, max_new_tokens, seed)
+        [result] = self.compare_batch([make_request(prompts, clusters, k, max_new_tokens, do_sample, seed)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def compare_batch(self, requests: Sequence[Request], report: Report = _unreported) -> list[Comparison | Exception]:
+        """Several requests answered together, each exactly as it would be alone; a failed request's entry is its error.
+
+        All prompts are embedded together (padding is masked, so each embedding is its own row's);
+        each request is cut, assigned and conditioned on its own: k-means among the prompts is the
+        request's, and its groups (one per cluster, conditioned as the bundle was trained) take ids
+        no other request shares, so no request's adapter reads another's prompts. Each model then
+        runs all the rows as one mixed-cluster batch per :func:`length_buckets` bucket.
+        ``report(i, comparison)`` hands over request ``i``'s comparison once it is assigned, after
+        each model, and complete.
+        """
         with self.lock:  # the tokenizer too: a fast tokenizer is not safe to call from two threads at once
-            progress(0.0, "embedding the prompts")
-            fitted = fit_prompts(self.model, self.tokenizer, prompts, max_new_tokens, self.template)
-            embeddings = embed_prompts(self.chameleon, fitted.conditions)
-            assignment = assign(self.chameleon, embeddings, clusters, k, seed)
-            settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
-                            conditioning=self.chameleon.adapter.conditioning)
-            generations = {}
-            for step, (regime, model, tokenizer) in enumerate(
-                (("base", self.model, self.tokenizer), ("lora", self.lora.model, self.lora.tokenizer),
-                 ("chameleon", self.chameleon.model, self.chameleon.tokenizer))
-            ):
-                progress(0.1 + 0.28 * step, f"generating with {COMPARED[regime]}")
-                generations[regime] = generate(model, tokenizer, fitted.texts, embeddings, assignment.labels, assignment.centroids, **settings)
-            progress(0.95, "summarising the adapters")
-            adapters = adapter_summary(self.chameleon, fitted.texts, embeddings, assignment)
-        return Comparison(prompts, fitted, embeddings, assignment, generations, adapters)
+            fitted = [self._fit(request) for request in requests]
+            live = [i for i, f in enumerate(fitted) if isinstance(f, FittedPrompts)]
+            comparisons: dict[int, Comparison] = {}
+
+            def advance(i: int, comparison: Comparison) -> None:
+                comparisons[i] = comparison
+                report(i, comparison)
+
+            if live:
+                rows = self._mix([requests[i] for i in live], [fitted[i] for i in live])
+                for i, comparison in zip(live, rows.comparisons):
+                    advance(i, comparison)
+                for regime, model, tokenizer in (("base", self.model, self.tokenizer), ("lora", self.lora.model, self.lora.tokenizer),
+                                                 ("chameleon", self.chameleon.model, self.chameleon.tokenizer)):
+                    texts = rows.generate(model, tokenizer)
+                    for i, span in zip(live, rows.spans):
+                        advance(i, replace(comparisons[i], generations={**comparisons[i].generations, regime: texts[span]}))
+                for i in live:
+                    done = comparisons[i]
+                    advance(i, replace(done, adapters=adapter_summary(self.chameleon, done.fitted.texts, done.embeddings,
+                                                                      done.assignment)))
+        return [comparisons.get(i, f) for i, f in enumerate(fitted)]
+
+    def _fit(self, request: Request) -> FittedPrompts | Exception:
+        """The request's prompts cut to the model's positions, or why they cannot be (that request's error alone)."""
+        try:
+            return fit_prompts(self.model, self.tokenizer, list(request.prompts), request.settings.max_new_tokens,
+                               self.template)
+        except Exception as err:  # noqa: BLE001 (handed to the request it belongs to, never to its batch mates)
+            return err
+
+    def _mix(self, requests: list[Request], fitted: list[FittedPrompts]) -> MixedRows:
+        """Every request's rows side by side: embedded at once, then assigned and conditioned request by request."""
+        sizes = [len(f.texts) for f in fitted]
+        embeddings = embed_prompts(self.chameleon, [condition for f in fitted for condition in f.conditions])
+        conditioning = self.chameleon.adapter.conditioning
+        comparisons, conditions, groups = [], [], []
+        for request, f, own in zip(requests, fitted, embeddings.split(sizes)):
+            settings = request.settings
+            assignment = assign(self.chameleon, own, settings.clusters, settings.k, settings.seed)
+            comparisons.append(Comparison(list(request.prompts), f, own, assignment, {}))
+            vectors, group = condition_groups(own, conditioning, assignment.labels, assignment.centroids)
+            groups.append(group + sum(map(len, conditions)))  # ids unique to this request
+            conditions.append(vectors)
+        seeds = [seed for r, size in zip(requests, sizes) for seed in row_seeds(size, r.settings.do_sample, r.settings.seed)]
+        ends = np.cumsum(sizes).tolist()
+        return MixedRows(comparisons, [slice(end - size, end) for end, size in zip(ends, sizes)],
+                         [text for f in fitted for text in f.texts], [n for f in fitted for n in f.lengths],
+                         [f.max_new_tokens for f in fitted for _ in f.texts], seeds, embeddings, torch.cat(groups),
+                         torch.cat(conditions))
+
+
+class Request(NamedTuple):
+    """One client's prompts and checked settings (:func:`make_request`): what a mixed batch answers."""
+
+    prompts: tuple[str, ...]
+    settings: Settings
+
+
+def make_request(
+    prompts: list[str], clusters: str = "trained", k: int = 3, max_new_tokens: int = 32, do_sample: bool = False,
+    seed: int = 0,
+) -> Request:
+    """A request with its settings checked: an :class:`InputError` says what to change."""
+    if not prompts:
+        raise InputError("Enter at least one prompt; the request has none.")
+    return Request(tuple(prompts), check_settings(clusters, k, max_new_tokens, seed, "sample" if do_sample else "greedy"))
+
+
+def length_buckets(lengths: Sequence[int], new_tokens: Sequence[int]) -> list[list[int]]:
+    """Row indices grouped into the batches they are generated in: one per number of new tokens,
+    split further by prompt length only where that pays.
+
+    Every decoding step costs a batch about the same whatever its prompts' lengths, and a second
+    batch repeats every step, so rows stay together unless padding them to the longest would make
+    more than half of the batch's prompt tokens padding. Rows keep their order within a batch.
+    """
+    by_tokens: dict[int, list[int]] = {}
+    for row, tokens in enumerate(new_tokens):
+        by_tokens.setdefault(tokens, []).append(row)
+    buckets = []
+    for rows in by_tokens.values():
+        bucket, real = [], 0
+        for row in sorted(rows, key=lengths.__getitem__):
+            if bucket and (len(bucket) + 1) * lengths[row] > 2 * (real + lengths[row]):
+                buckets.append(sorted(bucket))
+                bucket, real = [], 0
+            bucket.append(row)
+            real += lengths[row]
+        buckets.append(sorted(bucket))
+    return buckets
+
+
+@dataclass
+class MixedRows:
+    """The rows of several requests side by side, with what each model needs to generate them together."""
+
+    comparisons: list[Comparison]  # each request's, assigned, no generations yet
+    spans: list[slice]  # each request's rows
+    texts: list[str]
+    lengths: list[int]  # tokens of each text
+    new_tokens: list[int]
+    seeds: list[int | None]  # each row's sampling seed (None: greedy), from its request's seed and its row there
+    embeddings: torch.Tensor  # (N, d)
+    groups: torch.Tensor  # (N,) each row's group: one per (request, cluster)
+    conditions: torch.Tensor  # (G, d) each group's conditioning vector, made from its own request's rows
+
+    def generate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Every row's continuation, a batch per length bucket.
+
+        Each group's vector is handed to the head as its ``centroid``, so a bucket holding part of
+        a group is conditioned on the whole group, exactly as the request alone would be.
+        """
+        texts = [""] * len(self.texts)
+        for bucket in length_buckets(self.lengths, self.new_tokens):
+            generated = generate_rows(
+                model, tokenizer, [self.texts[i] for i in bucket], [self.seeds[i] for i in bucket], self.embeddings[bucket],
+                self.groups[bucket], self.conditions, self.new_tokens[bucket[0]], "centroid",
+            )
+            for row, text in zip(bucket, generated):
+                texts[row] = text
+        return texts
 
 
 @dataclass
@@ -291,14 +428,18 @@ class Comparison:
     fitted: FittedPrompts  # as the models read them (cut where they had to be)
     embeddings: torch.Tensor  # (N, d) as they conditioned the hyper-network
     assignment: Assignment
-    generations: dict[str, list[str]]  # regime -> one continuation per prompt
-    adapters: list[AdapterView]
+    generations: dict[str, list[str]]  # regime -> one continuation per prompt (while it runs: the models done so far)
+    adapters: list[AdapterView] | None = None  # None until the comparison is complete
+
+    @property
+    def complete(self) -> bool:
+        return self.adapters is not None
 
     def rows(self) -> list[dict]:
-        """One record per prompt: its cluster, distance and the three continuations."""
+        """One record per prompt: its cluster, distance and the three continuations (None for a model not done yet)."""
         return [
             {"prompt": prompt, "cluster": int(self.assignment.labels[i]), "distance": float(self.assignment.distances[i]),
-             **{regime: self.generations[regime][i] for regime in COMPARED}}
+             **{regime: self.generations[regime][i] if regime in self.generations else None for regime in COMPARED}}
             for i, prompt in enumerate(self.prompts)
         ]
 

@@ -3,8 +3,10 @@
 New prompts are checked and cut to the model's positions, embedded exactly as training conditioned
 (the bundle's ``metadata["embedding"]``), assigned to the trained centroids (or clustered among
 themselves), and every cluster's prompts run through ChameleonLLM with the adapter generated for
-that cluster, a mixed batch in one pass. The demo's backend (:mod:`.demo`) builds on this module;
-importing it loads neither the demo nor training.
+that cluster, a mixed batch in one pass. Each sampled row draws from its own seeded stream, so rows
+of several requests can share a batch and still answer as they would alone. The demo's backend
+(:mod:`.demo`) and its scheduler (:mod:`.serving`) build on this module; importing it loads neither
+the demo nor training.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import copy
 import re
 import reprlib
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TopKLogitsWarper
 
 from .bundle import Bundle, BundleError
 from .clustering import fit_clusters
@@ -37,6 +41,7 @@ MAX_REQUEST_TOKENS = 640
 MAX_SEED = 2**32 - 1  # k-means and NumPy take 32-bit seeds
 DECODINGS = ("greedy", "sample")
 CLUSTERS = ("trained", "prompts")  # assign prompts to the trained clusters, or run k-means on the prompts themselves
+SAMPLE_TOP_K = 50  # sampling draws from the 50 likeliest tokens at temperature 1, as transformers does by default
 
 
 # ---------------------------------------------------------------- prompts and settings
@@ -164,6 +169,7 @@ class FittedPrompts:
 
     conditions: list[str]  # each prompt, or the end of it that fits: what is embedded
     texts: list[str]  # the conditions in the bundle's prompt template: what the models read
+    lengths: list[int]  # tokens of each text
     cut: dict[int, int]  # 1-based number of each prompt that was cut -> its tokens kept
     positions: int | None  # the model's positions (None: unbounded)
     max_new_tokens: int
@@ -210,7 +216,7 @@ def fit_prompts(
             f"The limit is {MAX_REQUEST_TOKENS:,} tokens per request: use fewer or shorter prompts, or fewer new tokens."
         )
     texts = [template.format(prompt=condition) for condition in conditions]
-    return FittedPrompts(conditions, texts, cut, positions, max_new_tokens, tokens)
+    return FittedPrompts(conditions, texts, lengths, cut, positions, max_new_tokens, tokens)
 
 
 def _keep_end(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str, limit: int) -> tuple[str, int] | None:
@@ -231,6 +237,40 @@ def _keep_end(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str, li
     return None
 
 
+class RowSampler(LogitsProcessor):
+    """Sampling as greedy decoding of Gumbel-perturbed scores, each sampled row with its own generator.
+
+    ``argmax(scores + Gumbel noise)`` is a draw from ``softmax(scores)`` (the Gumbel-max trick), so
+    ``generate`` decodes greedily while every sampled row draws from its own seeded stream: its
+    tokens depend on its seed and its own scores, never on the other rows of the batch or on the
+    global RNG. That is what lets requests share a batch and still sample as they would alone.
+    Scores are cut to the top :data:`SAMPLE_TOP_K` first, as ``transformers`` samples by default.
+    Rows without a seed stay greedy.
+    """
+
+    def __init__(self, seeds: Sequence[int | None]):
+        self.rows = [row for row, seed in enumerate(seeds) if seed is not None]
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds if seed is not None]
+        self.top_k = TopKLogitsWarper(SAMPLE_TOP_K)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.rows:
+            return scores
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform)).to(scores)
+        scores = scores.clone()
+        scores[self.rows] = self.top_k(input_ids[self.rows], scores[self.rows]) + gumbel
+        return scores
+
+
+def row_seeds(rows: int, do_sample: bool, seed: int) -> list[int | None]:
+    """Each row's sampling seed, mixed from the request's seed and the row's place in the request
+    (None for every row when decoding greedily): the same rows sample the same in any batch."""
+    if not do_sample:
+        return [None] * rows
+    return [int(np.random.SeedSequence((seed, row)).generate_state(1)[0]) for row in range(rows)]
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -244,13 +284,36 @@ def generate(
     seed: int = 0,
     conditioning: str = "batch",
 ) -> list[str]:
-    """Continuations of ``prompts`` in one left-padded batch; a conditioned head gets each row's adapter.
+    """Continuations of one request's ``prompts`` in one left-padded batch (:func:`generate_rows`).
 
-    Rows that share a cluster id form one group, conditioned as the bundle was trained
-    (``conditioning``, see :data:`~.hyper_head.CONDITIONING`): with ``batch``, the mean of the
-    group's embeddings, as the paper's cluster-homogeneous batch. ``prompts`` must fit the model's positions with the new tokens (:func:`fit_prompts` cuts them,
-    so that the embedding and the summary see the same text). Sampling is seeded, so every model
-    compared under one seed draws from the same random stream.
+    Sampled rows draw from streams seeded by ``seed`` and their row (:func:`row_seeds`), so every
+    model compared under one seed draws from the same random streams.
+    """
+    seeds = row_seeds(len(prompts), do_sample, seed)
+    return generate_rows(model, tokenizer, prompts, seeds, embeddings, cluster_ids, centroids, max_new_tokens, conditioning)
+
+
+@torch.no_grad()
+def generate_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    seeds: Sequence[int | None],
+    embeddings: torch.Tensor | None = None,
+    cluster_ids: torch.Tensor | None = None,
+    centroids: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    conditioning: str = "batch",
+) -> list[str]:
+    """Continuations of ``prompts`` in one left-padded batch, each row greedy or sampled from its own seed.
+
+    A conditioned head gets each row's adapter: rows that share a cluster id form one group,
+    conditioned as the bundle was trained (``conditioning``, see :data:`~.hyper_head.CONDITIONING`):
+    with ``batch``, the mean of the group's embeddings, as the paper's cluster-homogeneous batch.
+    ``prompts`` must fit the model's positions with the new tokens (:func:`fit_prompts` cuts them,
+    so that the embedding and the summary see the same text). ``seeds`` (one per row, None for a
+    greedy row) make each row's sample its own (:class:`RowSampler`), so rows of several requests
+    can share one batch.
     """
     if hyper_head(model) is not None and (embeddings is None or cluster_ids is None):
         raise ValueError("a ChameleonLLM model needs the prompts' embeddings and cluster ids to generate")
@@ -259,9 +322,9 @@ def generate(
     device = model.get_input_embeddings().weight.device
     batch = left(prompts, return_tensors="pt", padding=True).to(device)
     _check_fits(model, batch["input_ids"].shape[1], max_new_tokens)
-    torch.manual_seed(seed)
     with conditioned(model, embeddings, conditioning, cluster_ids, centroids):
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                logits_processor=LogitsProcessorList([RowSampler(seeds)]))
     return left.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

@@ -19,8 +19,9 @@ from chameleon_core import AdapterConfig, Points, apply_regime, embed_texts, fit
 from chameleon_core.hyper_head import hyper_head
 from chameleon_core import demo, inference
 from chameleon_core.demo import find_bundle_set
-from chameleon_core.inference import MAX_REQUEST_TOKENS, adapter_summary, embed_prompts, generate
+from chameleon_core.inference import MAX_REQUEST_TOKENS, adapter_summary, embed_prompts, generate_rows
 from chameleon_core.lora import lora_layers
+from chameleon_core.serving import measure_serving
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_inference import loaded_modules  # noqa: E402
@@ -78,12 +79,8 @@ def served(tmp_path_factory):
         bundle = make_bundle_set(tmp_path_factory.mktemp("bundles") / "tiny")
         engine = app.Engine(model_name=MODEL, bundle=bundle).start()
         assert engine.wait(120) and engine.bundle_set is not None, engine.status()
-        port = free_port()
-        demo = app.serve(app.build_demo(engine), prevent_thread_lock=True, server_port=port, quiet=True)
-        try:
-            yield engine, f"http://127.0.0.1:{port}/"
-        finally:
-            demo.close()
+        with app.running(engine, server_port=free_port()) as url:
+            yield engine, url
 
 
 @pytest.fixture(scope="module")
@@ -226,17 +223,18 @@ def test_every_step_reads_the_same_cut_prompt(served, monkeypatch):
         monkeypatch.setattr(demo, function.__name__, wrapper)
 
     spy("embed", embed_prompts)
-    spy("generate", generate)
+    spy("generate", generate_rows)
     spy("summary", adapter_summary)
-    result = bundle_set.compare([SIX_DOMAINS[0], LONG], max_new_tokens=8)
-    short, cut = result.fitted.conditions
-    assert short == SIX_DOMAINS[0] and LONG.endswith(cut) and len(cut) < len(LONG)
-    assert seen["embed"] == [[short, cut]]
-    texts = [bundle_set.template.format(prompt=p) for p in (short, cut)]
-    assert result.fitted.texts == texts and seen["generate"] == [texts] * 3 and seen["summary"] == [texts]
-    assert len(bundle_set.tokenizer(texts[1])["input_ids"]) <= bundle_set.model.config.max_position_embeddings - 8
-    assert result.fitted.cut == {2: len(bundle_set.tokenizer(cut)["input_ids"])}
-    assert [row["prompt"] for row in result.rows()] == [SIX_DOMAINS[0], LONG]  # shown as typed
+    result = bundle_set.compare([SIX_DOMAINS[0], SIX_DOMAINS[1], LONG], max_new_tokens=8)
+    first, second, cut = result.fitted.conditions
+    assert [first, second] == SIX_DOMAINS[:2] and LONG.endswith(cut) and len(cut) < len(LONG)
+    assert seen["embed"] == [[first, second, cut]]
+    texts = [bundle_set.template.format(prompt=p) for p in (first, second, cut)]
+    # padding the short prompts to the long one would be mostly padding: the long one is generated on its own
+    assert result.fitted.texts == texts and seen["generate"] == [texts[:2], texts[2:]] * 3 and seen["summary"] == [texts]
+    assert len(bundle_set.tokenizer(texts[2])["input_ids"]) <= bundle_set.model.config.max_position_embeddings - 8
+    assert result.fitted.cut == {3: len(bundle_set.tokenizer(cut)["input_ids"])}
+    assert [row["prompt"] for row in result.rows()] == [*SIX_DOMAINS[:2], LONG]  # shown as typed
 
 
 def test_a_request_over_the_token_budget_says_what_to_reduce(client):
@@ -272,6 +270,47 @@ def test_eight_simultaneous_calls_all_complete_correctly(served, client):
         rows = job.result(timeout=120)[2]["data"]
         expected = bundle_set.compare(batch, max_new_tokens=6).rows()
         assert [row[1:] for row in rows] == [[e["prompt"], e["base"], e["lora"], e["chameleon"]] for e in expected]
+
+
+def test_the_columns_fill_in_as_each_model_finishes(client):
+    job = client.submit("\n".join(SIX_DOMAINS[:2]), "trained", 3, 4, "greedy", 0, api_name="/compare")
+    final = job.result(timeout=120)
+    queued, *outputs = job.outputs()
+    assert queued[4].startswith("**Waiting for the models…**")
+    done = [[sum(cell != app.PENDING for cell in row[2:]) for row in output[2]["data"]] for output in outputs]
+    assert done == [[0, 0], [1, 1], [2, 2], [3, 3], [3, 3]]  # assigned, base, static LoRA, ChameleonLLM, summarised
+    assert [output[4].split("…")[0] for output in outputs[:4]] == [
+        "**Generating with Base", "**Generating with Static LoRA", "**Generating with ChameleonLLM",
+        "**Summarising the adapters"]
+    assert outputs[0][1]["data"] == final[1]["data"]  # the clusters come first, with empty columns
+    assert outputs[0][3]["data"] == [] and final[3]["data"]  # the adapters come last
+    assert tuple(outputs[-1]) == tuple(final) and final[4].startswith("**Ready.**")
+
+
+def test_requests_sent_together_share_a_batch(served, client, monkeypatch):
+    scheduler = served[0].scheduler
+    monkeypatch.setattr(scheduler, "window", 2.0)  # room for all six to arrive through Gradio's queue
+    before = sum(scheduler.batch_sizes.values())
+    jobs = [client.submit(prompt, "trained", 3, 4, "greedy", 0, api_name="/compare") for prompt in SIX_DOMAINS]
+    for prompt, job in zip(SIX_DOMAINS, jobs):
+        assert job.result(timeout=120)[2]["data"][0][1] == prompt
+    assert sum(scheduler.batch_sizes.values()) - before <= 2  # with two at a time, Gradio would pass at most two on
+
+
+def test_a_full_queue_says_to_come_back(served, client, monkeypatch):
+    monkeypatch.setattr(served[0].scheduler, "max_waiting", 0)
+    with pytest.raises(AppError, match=re.escape("The server is busy: 0 prompt(s) from 0 request(s) are waiting, and "
+                                                 "at most 0 may wait. Try again in a minute, or send fewer prompts.")):
+        compare(client, "hello")
+
+
+def test_the_serving_measurement_goes_through_the_page(served):
+    bundle_set = served[0].bundle_set
+    with app.running(app.Engine.serving(bundle_set)) as url:
+        result = measure_serving(bundle_set, clients=(2,), requests_per_client=1, max_new_tokens=4, url=url,
+                                 prompts=SIX_DOMAINS)
+    [http] = [run for run in result["runs"] if run["mode"] == "http"]
+    assert http["requests"] == http["same_as_alone"] == 2 and http["speedup"] > 0
 
 
 def test_compare_is_a_named_api_endpoint(client):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+
+from chameleon_core import demo
+from chameleon_core.inference import generate_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.is_file():
@@ -14,7 +18,7 @@ if not CHROMIUM.is_file():
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_app import SIX_DOMAINS, served  # noqa: E402, F401  (the in-process server fixture)
+from test_app import SIX_DOMAINS, app, served  # noqa: E402, F401  (the in-process server fixture)
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run", "--disable-sync", "--disable-quic"]
@@ -37,21 +41,50 @@ def test_compare_in_the_browser(page, tmp_path):
     page.locator("#prompts textarea").fill("\n".join(prompts))
     page.locator("#compare").click()
 
-    expect(page.locator("#cluster-map .js-plotly-plot")).to_be_visible(timeout=60_000)
+    expect(page.locator("#adapters [role=row][data-index]").first).to_be_visible(timeout=60_000)  # the last to come
+    expect(page.locator("#cluster-map .js-plotly-plot")).to_be_visible()
     expect(page.locator("#cluster-map .scatterlayer .trace").last.locator(".textpoint")).to_have_count(len(prompts))
     table = page.locator("#generations [role=grid]")
-    expect(table.locator("[role=row][data-index]")).to_have_count(len(prompts), timeout=60_000)
+    expect(table.locator("[role=row][data-index]")).to_have_count(len(prompts))
     headers = [h.strip() for h in table.locator("[role=columnheader]").all_inner_texts()]
     assert headers == ["#", "Prompt", "Base", "Static LoRA", "ChameleonLLM"]
     for column in (2, 3, 4):  # every model wrote something for every prompt
         expect(table.locator(f"[data-testid=cell-0-{column}]")).not_to_be_empty()
+        expect(table.locator(f"[data-testid=cell-0-{column}]")).not_to_have_text(app.PENDING)
 
     markup_cell = table.locator(f"[data-testid=cell-{len(prompts) - 1}-1]")
     expect(markup_cell).to_have_text(MARKUP)  # shown literally ...
     assert page.locator("#generations b, #generations i, #assignments b").count() == 0  # ... never rendered
     expect(page.locator("#assignments [role=row][data-index]")).to_have_count(len(prompts))
-    assert page.locator("#adapters [role=row][data-index]").count() >= 1
 
     shot = tmp_path / "demo.png"
     page.screenshot(path=shot, full_page=True)
     assert shot.stat().st_size > 20_000
+
+
+def test_each_column_shows_as_its_model_finishes(page, served, monkeypatch):
+    """While static LoRA is held back, the page already shows the map, the clusters and the base column,
+    says what it is doing, and still answers the visitor (an example loads)."""
+    release, base = threading.Event(), served[0].bundle_set.model
+
+    def held(model, *args, **kwargs):
+        if model is not base:
+            release.wait(60)
+        return generate_rows(model, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "generate_rows", held)
+    page.locator("#prompts textarea").fill("\n".join(SIX_DOMAINS[:3]))
+    page.locator("#compare").click()
+    table = page.locator("#generations [role=grid]")
+    try:
+        expect(table.locator("[data-testid=cell-0-2]")).not_to_have_text(app.PENDING, timeout=60_000)  # base: done
+        expect(table.locator("[data-testid=cell-0-3]")).to_have_text(app.PENDING)  # static LoRA: not yet
+        expect(page.locator("#status")).to_contain_text("Generating with Static LoRA…")
+        expect(page.locator("#cluster-map .scatterlayer .trace").last.locator(".textpoint")).to_have_count(3)
+        page.get_by_role("button", name="Science and numbers").click()
+        expect(page.locator("#prompts textarea")).to_have_value(app.EXAMPLES["Science and numbers"])
+    finally:
+        release.set()
+    expect(page.locator("#status")).to_contain_text("Ready.", timeout=60_000)
+    for column in (3, 4):
+        expect(table.locator(f"[data-testid=cell-0-{column}]")).not_to_have_text(app.PENDING)

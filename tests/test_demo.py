@@ -14,6 +14,7 @@ from gradio_client import Client
 
 from chameleon_core.bundle import load_bundle, read_bundle_config
 from chameleon_core.demo import find_bundle_set
+from chameleon_core.serving import Scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_app import free_port  # noqa: E402
@@ -58,12 +59,8 @@ def served():
     args = app.parse_args([])
     engine = app.Engine(model_name=args.model, bundle=args.bundle, root=app.BUNDLES, build=False).start()
     assert engine.wait(300) and engine.bundle_set is not None, engine.status()
-    port = free_port()
-    demo = app.serve(app.build_demo(engine), prevent_thread_lock=True, server_port=port, quiet=True)
-    try:
-        yield engine, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with app.running(engine, server_port=free_port()) as url:
+        yield engine, url
 
 
 def test_two_instructions_get_three_fluent_answers_that_differ(served):
@@ -81,3 +78,16 @@ def test_two_instructions_get_three_fluent_answers_that_differ(served):
             assert len(words) >= 2 and letters > 0.7 and max(map(words.count, words)) <= max(1, 0.4 * len(words)), answer
         assert len(set(answers)) > 1, f"all three columns agree on {prompt!r}"
 
+
+
+def test_merged_requests_answer_as_they_do_alone(served):
+    """SmolLM2 in one mixed batch (rows of other lengths, padded further left; clusters of other requests)
+    writes exactly what each request writes alone, greedy and sampled."""
+    bundle_set = served[0].bundle_set
+    science, writing = (app.EXAMPLES[name].splitlines() for name in ("Science and numbers", "Writing and language"))
+    requests = [(INSTRUCTIONS, {}), (science[:3], {"do_sample": True, "seed": 3}), (writing[1:3] + science[3:], {})]
+    with Scheduler(bundle_set, window=1.0) as scheduler:
+        jobs = [scheduler.submit(prompts, max_new_tokens=12, **extra) for prompts, extra in requests]
+        merged = [job.result(timeout=300).rows() for job in jobs]
+    assert scheduler.batch_sizes == {3: 1}
+    assert merged == [bundle_set.compare(prompts, max_new_tokens=12, **extra).rows() for prompts, extra in requests]

@@ -8,9 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from chameleon_core.cli import main
-from chameleon_core.inference import MAX_REQUEST_TOKENS, InputError, check_settings, fit_prompts, generate
+from chameleon_core.inference import (
+    MAX_REQUEST_TOKENS,
+    SAMPLE_TOP_K,
+    InputError,
+    RowSampler,
+    check_settings,
+    fit_prompts,
+    generate,
+    generate_rows,
+    row_seeds,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = "Below is an instruction.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
@@ -74,6 +85,27 @@ def test_a_template_longer_than_the_positions_is_refused(tiny_gpt2):
     model, tokenizer = tiny_gpt2
     with pytest.raises(InputError, match="positions leave no room for prompt 1 in its template; lower Max new tokens"):
         fit_prompts(model, tokenizer, ["hello"], 8, "word " * 600 + "{prompt}")
+
+
+def test_a_sampled_row_draws_the_same_whatever_its_batch_mates(tiny_gpt2, texts):
+    model, tokenizer = tiny_gpt2
+    seeds = row_seeds(2, True, 5)
+    alone = generate(model, tokenizer, texts[:2], max_new_tokens=8, do_sample=True, seed=5)
+    mixed = generate_rows(model, tokenizer, [texts[3], texts[1], texts[2], texts[0]], [None, seeds[1], None, seeds[0]],
+                          max_new_tokens=8)
+    assert [mixed[3], mixed[1]] == alone  # each row samples from its own stream, wherever it sits
+    assert [mixed[0], mixed[2]] == generate(model, tokenizer, [texts[3], texts[2]], max_new_tokens=8)  # greedy rows stay greedy
+    assert alone != generate(model, tokenizer, texts[:2], max_new_tokens=8, do_sample=True, seed=6)
+    assert alone[0] != generate(model, tokenizer, [texts[0]], max_new_tokens=8)[0]
+
+
+def test_the_row_sampler_draws_from_the_softmax_of_the_top_k():
+    """Gumbel-max over the top 50 scores: the frequencies of their softmax, and never a token below them."""
+    scores = torch.linspace(0.0, -1.0, SAMPLE_TOP_K + 14)[None]  # uncut, the last 14 would be drawn 14 % of the time
+    draws = torch.tensor([int(RowSampler([seed])(torch.zeros(1, 1, dtype=torch.long), scores).argmax()) for seed in range(4000)])
+    frequencies = torch.bincount(draws, minlength=scores.shape[1]) / len(draws)
+    assert frequencies[SAMPLE_TOP_K:].sum() == 0
+    assert torch.allclose(frequencies[:SAMPLE_TOP_K], scores[0, :SAMPLE_TOP_K].softmax(-1), atol=0.01)
 
 
 def test_generate_refuses_an_uncut_prompt_instead_of_indexing_past_the_positions(tiny_gpt2):
