@@ -1,4 +1,4 @@
-"""What ChameleonLLM costs next to the base model and static LoRA: ``python -m chameleon_core bench``.
+"""What ChameleonLLM costs next to the base model, static LoRA and PEFT: ``python -m chameleon_core bench``.
 
 The hyper-LoRA head adds ``r (d + V)`` multiply-adds per token to the head's ``d V`` (about 0.5 %
 at GPT-2 scale) and the hyper-network runs once per group of rows, not per token, so the floor
@@ -6,9 +6,15 @@ is small. This measures the real cost of scoring, greedy generation and training
 each needs, the clustering that forms the batches, and a naive head that builds ``W + dW``
 (``V x d``) per cluster, which the factored head never does.
 
+Serving mixes clusters in one batch, so scoring is also swept over the number of distinct clusters
+in a batch (1, 4, 16, every row its own), as multi-adapter serving systems (Punica, S-LoRA, vLLM)
+report it: ChameleonLLM's gathered head, ``lora-per-cluster``'s, PEFT's ``adapter_names`` batch
+with one static head LoRA per cluster, and the naive head. ``--models`` measures several shapes in
+one run (GPT-2 small's and SmolLM2-135M's), each on its own.
+
 A shared machine drifts, so every repeat runs each variant once, in an order that rotates from
 one repeat to the next; tables give medians, and ratios are medians of per-repeat ratios.
-``--quick`` runs a tiny model and first checks that every timed path computes what it claims.
+``--quick`` runs tiny models and first checks that every timed path computes what it claims.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import sklearn
@@ -33,8 +41,8 @@ from transformers import PreTrainedModel
 
 from .clustering import fit_clusters
 from .embeddings import mean_embedding
-from .hyper_head import HyperLoRAHead, conditioned, hyper_head
-from .lora import lora_layers, merge_lora
+from .hyper_head import ClusterLoRAHead, HyperLoRAHead, conditioned, conditioned_head, hyper_head
+from .lora import lora_layers, merge_lora, output_head_name
 from .models import load_model, resolve_device
 from .regimes import AdapterConfig, apply_regime
 
@@ -42,17 +50,18 @@ EMBED_BATCH = 512  # rows embedded at a time, as embed_texts does
 TOPICS, TOPIC_WORDS = 512, 64  # cluster structure of the synthetic clustering rows
 ROW_TOKENS = 128  # clustering rows hold 1..128 tokens: 65 on average, as WikiText-2's lines in GPT-2 tokens
 MIB = 2**20
+SWEEP = (1, 4, 16)  # distinct clusters in a scored batch; the sweep ends with every row its own cluster
 
 
 @dataclass(frozen=True)
 class BenchSettings:
-    model: str = "random:gpt2"
+    models: tuple[str, ...] = ("random:gpt2",)  # each measured on its own, one after the other
     device: str = "auto"
     batch: int = 32
     seq: int = 128  # scored and trained tokens per row; generation prompts are seq // 4 long
     new_tokens: int = 32
     repeats: int = 3
-    mixed_clusters: int = 4  # clusters sharing one batch in the mixed variants
+    mixed_clusters: int = 4  # clusters sharing one batch in the mixed generation variants
     rank: int = 4
     cluster_rows: int = 36_718  # WikiText-2's training lines
     kmeans_reference: bool = False  # also time the slow reference k-means and compare inertia
@@ -61,25 +70,43 @@ class BenchSettings:
 
     @classmethod
     def quick_settings(cls) -> BenchSettings:
-        return cls(model="random:tiny-gpt2", batch=8, seq=16, new_tokens=4, repeats=1, cluster_rows=1024, quick=True)
+        """Both architectures (GPT-2's and Llama's heads and PEFT wrappers differ), and 20 rows, so that the
+        sweep's last point (every row its own cluster) is not its 16-cluster point."""
+        return cls(models=("random:tiny-gpt2", "random:tiny-llama"), batch=20, seq=16, new_tokens=4, repeats=1,
+                   cluster_rows=1024, quick=True)
+
+    @property
+    def sweep(self) -> tuple[int, ...]:
+        """Distinct clusters in the batch at each point of the sweep."""
+        return tuple(dict.fromkeys((*SWEEP, self.batch)))
 
     def validate(self) -> None:
+        if not self.models or len(set(self.models)) != len(self.models):
+            raise ValueError(f"--models must name one or more different models, got {','.join(self.models)!r}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
         if self.seq < 4 or self.new_tokens < 1:
             raise ValueError(f"--seq must be >= 4 and --new-tokens >= 1, got {self.seq} and {self.new_tokens}")
-        if self.batch < self.mixed_clusters:
-            raise ValueError(f"--batch must hold the mixed batch's {self.mixed_clusters} clusters, got {self.batch}")
+        if self.batch < max(SWEEP):
+            raise ValueError(f"--batch must be >= {max(SWEEP)} (the sweep mixes {', '.join(map(str, SWEEP))} clusters "
+                             f"in a batch, then one per row), got {self.batch}")
 
 
 # Throughput ratios that decide whether serving ChameleonLLM is cheap: (section, variant, reference, minimum).
 TARGETS = (
-    ("scoring", "chameleon-merged", "base", 0.95),
-    ("scoring", "chameleon-mixed", "chameleon-merged", 0.90),
     ("generation", "chameleon-merged", "base", 0.95),
     ("generation", "chameleon-mixed", "chameleon-merged", 0.90),
     ("training", "chameleon", "lora", 1 / 1.1),  # a step at most 1.1 x as long as static LoRA's
 )
+# Issue 12's, met only if met at every point of the sweep: a mixed batch costs about what the base
+# model's does, and no more than PEFT's mixed-adapter batch: (variant, reference, minimum).
+SWEEP_TARGETS = (
+    ("chameleon-mixed", "base", 0.98),
+    ("chameleon-mixed", "peft-mixed", 1.0),
+    ("lora-per-cluster", "base", 0.98),
+    ("lora-per-cluster", "peft-mixed", 1.0),
+)
+SCORED = ("base", "lora", "lora-merged", "chameleon")  # scored alone; the mixed heads are scored in the sweep
 CLUSTERING_TARGET_S = 10.0
 
 
@@ -88,8 +115,10 @@ CLUSTERING_TARGET_S = 10.0
 class Variant:
     model: PreTrainedModel
     about: str
-    conditioning: str = "batch"  # of a hyper head (hyper_head.CONDITIONING)
-    cluster_ids: torch.Tensor | None = None
+    conditioning: str = "batch"  # of a conditioned head: hyper_head.CONDITIONING
+    cluster_ids: torch.Tensor | None = None  # each row's cluster, in a batch that mixes clusters
+    centroids: torch.Tensor | None = None  # what "centroid" conditioning reads
+    named_adapters: bool = False  # PEFT: each row names its adapter in the forward call (adapter_names)
 
 
 class DenseHyperLoRAHead(HyperLoRAHead):
@@ -119,9 +148,9 @@ class DenseHyperLoRAHead(HyperLoRAHead):
         return logits
 
 
-def adapted(base: PreTrainedModel, regime: str, rank: int) -> PreTrainedModel:
+def adapted(base: PreTrainedModel, regime: str, rank: int, clusters: int = 0) -> PreTrainedModel:
     model = copy.deepcopy(base)
-    apply_regime(model, AdapterConfig(regime, rank=rank))
+    apply_regime(model, AdapterConfig(regime, rank=rank, clusters=clusters))
     return model
 
 
@@ -138,66 +167,140 @@ def dense(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def adapter_name(cluster: int) -> str:
+    return f"cluster{cluster}"
+
+
+def peft_heads(base: PreTrainedModel, clusters: int, rank: int) -> PreTrainedModel:
+    """PEFT's multi-adapter serving: one static LoRA on the head per cluster, each row choosing its own by name."""
+    from peft import LoraConfig, get_peft_model  # imported here: only the bench needs PEFT
+
+    config = LoraConfig(r=rank, lora_alpha=AdapterConfig().alpha, target_modules=[output_head_name(base)],
+                        init_lora_weights=False)  # random B: a fresh adapter (B = 0) would not change the logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head is tied (it only reads the weight); a deprecation inside PEFT
+        model = get_peft_model(copy.deepcopy(base), config, adapter_name=adapter_name(0))
+        for cluster in range(1, clusters):
+            model.add_adapter(adapter_name(cluster), config)
+    return model.eval()
+
+
 @torch.no_grad()
 def randomize_adapters(model: PreTrainedModel) -> None:
     """Trained-like adapters: a fresh LoRA is the identity and a fresh hyper head barely moves the
     logits, which would let a wrong path pass a comparison with the base model."""
     for layer in lora_layers(model).values():
         layer.lora_B.normal_(std=0.1)
-    head = hyper_head(model)
-    if head is not None:
+    head = conditioned_head(model)
+    if isinstance(head, HyperLoRAHead):
         head.hyper.net[-1].weight.normal_(std=0.2)
+    elif isinstance(head, ClusterLoRAHead):
+        head.lora_B.normal_(std=0.1)
+
+
+def rows_in_clusters(batch: int, clusters: int, device: torch.device) -> torch.Tensor:
+    """Row ``i`` in cluster ``i mod clusters``: every cluster present, none a contiguous slice of the batch."""
+    return torch.arange(batch, device=device) % clusters
+
+
+def random_centroids(base: PreTrainedModel, count: int, seed: int) -> torch.Tensor:
+    """Unit vectors, as the normalised embeddings k-means groups: what ``centroid`` conditioning reads."""
+    g = torch.Generator().manual_seed(seed)
+    centroids = torch.randn(count, base.get_input_embeddings().embedding_dim, generator=g)
+    return F.normalize(centroids, dim=1).to(base.device)
 
 
 def build_variants(base: PreTrainedModel, settings: BenchSettings) -> dict[str, Variant]:
+    """The variants timed one by one; the mixed ones hold ``settings.mixed_clusters`` clusters."""
     lora, chameleon = adapted(base, "lora", settings.rank), adapted(base, "chameleon", settings.rank)
     randomize_adapters(lora)
     randomize_adapters(chameleon)
     served, naive = merged(chameleon), dense(merged(chameleon))
-    mixed = torch.arange(settings.batch, device=base.device) % settings.mixed_clusters
     n = settings.mixed_clusters
+    mixed = dict(conditioning="centroid", cluster_ids=rows_in_clusters(settings.batch, n, base.device),
+                 centroids=random_centroids(base, settings.batch, settings.seed))
     return {
         "base": Variant(base, "unadapted model"),
         "lora": Variant(lora, "static LoRA on layers and head, unmerged"),
         "lora-merged": Variant(merged(lora), "static LoRA folded into the weights (merge_lora)"),
         "chameleon": Variant(chameleon, "layer LoRA unmerged + factored hyper head, one cluster per batch"),
         "chameleon-merged": Variant(served, "layer LoRA merged + factored hyper head, one cluster per batch"),
-        "chameleon-mixed": Variant(served, f"as chameleon-merged, {n} clusters in one batch", "batch", mixed),
+        "chameleon-mixed": Variant(served, f"as chameleon-merged, {n} clusters in one batch", **mixed),
         "naive": Variant(naive, "layer LoRA merged + dense W + dW head, one cluster per batch"),
-        "naive-mixed": Variant(naive, f"as naive, {n} clusters in one batch (one V x d matrix each)", "batch", mixed),
+        "naive-mixed": Variant(naive, f"as naive, {n} clusters in one batch (one V x d matrix each)", **mixed),
     }
 
 
+def sweep_variants(base: PreTrainedModel, variants: dict[str, Variant],
+                   settings: BenchSettings) -> dict[str, dict[int, Variant]]:
+    """Each mixed-batch head at each point of the sweep: ``{variant: {distinct clusters: Variant}}``.
+
+    Every layer does the base model's work (LoRA merged, or none), so only the heads differ; the heads
+    are those of ``chameleon-merged`` and ``naive``, and static heads holding an adapter per row of the batch.
+    """
+    per_cluster = adapted(base, "lora-per-cluster", settings.rank, clusters=settings.batch)
+    randomize_adapters(per_cluster)
+    merge_lora(per_cluster)
+    peft = peft_heads(base, settings.batch, settings.rank)
+    heads = {
+        "chameleon-mixed": (variants["chameleon-merged"].model,
+                            "ChameleonLLM: each row gathers its cluster's generated A and B, one pass"),
+        "lora-per-cluster": (per_cluster, "a static head LoRA per cluster, gathered per row the same way, one pass"),
+        "peft-mixed": (peft, "PEFT: a static head LoRA per cluster, forward(adapter_names=...): "
+                             "a LoRA pass per adapter over its rows"),
+        "naive-mixed": (variants["naive"].model, "W + dW built (V x d) per cluster; each cluster's rows through it"),
+    }
+    centroids = variants["chameleon-mixed"].centroids
+    return {name: {n: Variant(model, about, "centroid", rows_in_clusters(settings.batch, n, base.device), centroids,
+                              named_adapters=model is peft)
+                   for n in settings.sweep}
+            for name, (model, about) in heads.items()}
+
+
+def alone(variant: Variant, cluster: int) -> Variant:
+    """``variant`` for one cluster's rows in a batch of their own, with that cluster's adapter: what the mixed
+    batch must give those rows. PEFT's is its active adapter (no ``adapter_names``), left active afterwards."""
+    if variant.named_adapters:
+        variant.model.set_adapter(adapter_name(cluster))
+        return replace(variant, cluster_ids=None)
+    return replace(variant, cluster_ids=variant.cluster_ids[variant.cluster_ids == cluster])
+
+
 @contextmanager
-def serving(variant: Variant, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
-    """A hyper head's extra work per batch: embed the rows and generate their adapters."""
-    if hyper_head(variant.model) is None:
-        yield
-        return
-    embeddings = mean_embedding(variant.model, ids, mask)
-    with conditioned(variant.model, embeddings, variant.conditioning, variant.cluster_ids):
-        yield
+def serving(variant: Variant, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[dict]:
+    """A variant's own work per batch, yielding what its forward pass takes besides the tokens: a conditioned
+    head embeds the rows (as a server must, to assign them) and chooses their adapters; PEFT takes each row's
+    adapter name."""
+    if variant.named_adapters:
+        names = None if variant.cluster_ids is None else [adapter_name(c) for c in variant.cluster_ids.tolist()]
+        yield {} if names is None else {"adapter_names": names}
+    elif conditioned_head(variant.model) is None:
+        yield {}
+    else:
+        embeddings = mean_embedding(variant.model, ids, mask)
+        with conditioned(variant.model, embeddings, variant.conditioning, variant.cluster_ids, variant.centroids):
+            yield {}
 
 
 @torch.inference_mode()
 def score(variant: Variant, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    with serving(variant, ids, mask):
-        return variant.model(input_ids=ids, attention_mask=mask).logits
+    with serving(variant, ids, mask) as extra:
+        return variant.model(input_ids=ids, attention_mask=mask, **extra).logits
 
 
 @torch.inference_mode()
 def generate(variant: Variant, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy, exactly ``new_tokens`` per row, so every variant does the same work."""
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    with serving(variant, ids, mask):
+    with serving(variant, ids, mask) as extra:
         return variant.model.generate(
-            input_ids=ids, attention_mask=mask, pad_token_id=variant.model.config.pad_token_id, **settings
+            input_ids=ids, attention_mask=mask, pad_token_id=variant.model.config.pad_token_id, **settings, **extra
         )
 
 
 def train_step(variant: Variant, optimizer: torch.optim.Optimizer, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    with serving(variant, ids, mask):
-        loss = variant.model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    with serving(variant, ids, mask) as extra:
+        loss = variant.model(input_ids=ids, attention_mask=mask, labels=ids, **extra).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -214,8 +317,17 @@ def _check(name: str, a: torch.Tensor, b: torch.Tensor, bound: float, equal: boo
             "passed": diff <= bound if equal else diff >= bound}
 
 
-def check_paths(base: PreTrainedModel, variants: dict[str, Variant], settings: BenchSettings,
-                ids: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor) -> list[dict]:
+def per_cluster(variant: Variant, mixed: torch.Tensor, ids: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixed batch's logits ``mixed`` and each cluster's rows scored alone (:func:`alone`), grouped by cluster."""
+    clusters = variant.cluster_ids.unique().tolist()
+    together = torch.cat([mixed[variant.cluster_ids == c] for c in clusters])
+    apart = [score(alone(variant, c), ids[variant.cluster_ids == c], mask[variant.cluster_ids == c]) for c in clusters]
+    return together, torch.cat(apart)
+
+
+def check_paths(base: PreTrainedModel, variants: dict[str, Variant], sweep: dict[str, dict[int, Variant]],
+                settings: BenchSettings, ids: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor) -> list[dict]:
     """Every timed path against the computation it stands for; raises :class:`BenchCheckError` on a mismatch."""
     logits = {name: score(v, ids, mask) for name, v in variants.items()}
     fresh = adapted(base, "lora", settings.rank)
@@ -225,18 +337,25 @@ def check_paths(base: PreTrainedModel, variants: dict[str, Variant], settings: B
         _check("merged LoRA equals unmerged LoRA", logits["lora-merged"], logits["lora"], 1e-4),
         _check("chameleon with merged layers equals unmerged", logits["chameleon-merged"], logits["chameleon"], 1e-4),
         _check("factored head equals dense W + dW head", logits["chameleon-merged"], logits["naive"], 1e-4),
-        _check("mixed factored head equals dense heads", logits["chameleon-mixed"], logits["naive-mixed"], 1e-4),
         _check("adapters change the logits (checks are not vacuous)", logits["chameleon"], logits["base"], 1e-2, False),
         _check("clusters get different adapters", logits["chameleon-mixed"], logits["chameleon-merged"], 1e-2, False),
     ]
+    for name, points in sweep.items():
+        swept = {n: score(variant, ids, mask) for n, variant in points.items()}
+        for n, variant in points.items():
+            checks.append(_check(f"{name}: {n} clusters in a batch equal each cluster run alone",
+                                 *per_cluster(variant, swept[n], ids, mask), 1e-4))
+        if name == "naive-mixed":
+            checks += [_check(f"naive-mixed equals chameleon-mixed, {n} clusters", swept[n],
+                              score(sweep["chameleon-mixed"][n], ids, mask), 1e-4) for n in points]
+        else:  # every row its own cluster vs all rows in cluster 0
+            first, last = settings.sweep[0], settings.sweep[-1]
+            checks.append(_check(f"{name}: clusters get different adapters", swept[last], swept[first], 1e-2, False))
     mixed = variants["chameleon-mixed"]
     together = generate(mixed, prompt, torch.ones_like(prompt), settings.new_tokens)
-    for cluster in range(settings.mixed_clusters):
+    for cluster in mixed.cluster_ids.unique().tolist():
         rows = mixed.cluster_ids == cluster
-        alone = Variant(mixed.model, "")
-        checks.append(_check(f"mixed batch equals cluster {cluster} run alone (scoring)",
-                             logits["chameleon-mixed"][rows], score(alone, ids[rows], mask[rows]), 1e-4))
-        generated = generate(alone, prompt[rows], torch.ones_like(prompt[rows]), settings.new_tokens)
+        generated = generate(alone(mixed, cluster), prompt[rows], torch.ones_like(prompt[rows]), settings.new_tokens)
         checks.append(_check(f"mixed batch equals cluster {cluster} run alone (greedy tokens)",
                              together[rows], generated, 0.0))
     failed = [c for c in checks if not c["passed"]]
@@ -318,20 +437,35 @@ def paired_ratio(reference: list[float], times: list[float]) -> float:
     return statistics.median(r / t for r, t in zip(reference, times))
 
 
+def timing(times: list[float], reference: list[float], work: int) -> dict:
+    """Seconds per call, their median, throughput, and the median over repeats of the ratio to ``reference``."""
+    median = statistics.median(times)
+    return {"seconds": times, "median_s": median, "throughput": work / median, "ratio": paired_ratio(reference, times)}
+
+
 def summarize(seconds: dict, memory: dict, variants: dict[str, Variant], work: int, unit: str, reference: str) -> dict:
-    """Medians, throughput, and the median over repeats of each variant's throughput ratio to ``reference``."""
-    rows = {}
-    for name, times in seconds.items():
-        rows[name] = {
-            "about": variants[name].about,
-            "seconds": times,
-            "median_s": statistics.median(times),
-            "throughput": work / statistics.median(times),
-            "ratio": paired_ratio(seconds[reference], times),
-            "peak_memory_mib": memory[name],
-            "weights_mib": weights_mib(variants[name].model),
-        }
+    """Each variant's timing (:func:`timing`, the ratio to ``reference``), peak memory and weights."""
+    rows = {name: {"about": variant.about, **timing(seconds[name], seconds[reference], work),
+                   "peak_memory_mib": memory[name], "weights_mib": weights_mib(variant.model)}
+            for name, variant in variants.items()}
     return {"unit": unit, "work_per_call": work, "reference": reference, "variants": rows}
+
+
+def sweep_key(name: str, clusters: int) -> str:
+    """A sweep point's name among the calls timed side by side."""
+    return f"{name} @ {clusters}"
+
+
+def summarize_sweep(seconds: dict, memory: dict, sweep: dict[str, dict[int, Variant]], work: int) -> dict:
+    """Each mixed head's timing at each point of the sweep, its ratio to ``base`` timed in the same rounds."""
+    rows = {}
+    for name, points in sweep.items():
+        first = next(iter(points.values()))
+        rows[name] = {"about": first.about, "weights_mib": weights_mib(first.model), "points": [
+            {"clusters": n, **timing(seconds[sweep_key(name, n)], seconds["base"], work),
+             "peak_memory_mib": memory[sweep_key(name, n)]} for n in points]}
+    clusters = list(next(iter(sweep.values())))
+    return {"unit": "tokens/s", "work_per_call": work, "reference": "base", "clusters": clusters, "variants": rows}
 
 
 # ---------------------------------------------------------------- clustering
@@ -400,24 +534,44 @@ def describe_machine(device: torch.device) -> dict:
     }
 
 
+def describe_shape(model: PreTrainedModel) -> dict:
+    config = model.config
+    return {"architecture": config.model_type, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "vocab": config.vocab_size, "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def run_bench(settings: BenchSettings) -> dict:
-    """Measure every variant; with ``settings.quick`` first check every path (raises on a failure)."""
+    """Measure each model of ``settings.models``; ``settings.quick`` first checks every path (raises if one fails)."""
     settings.validate()
     device = resolve_device(settings.device)
+    # Every model loaded first, so that a bad name fails before the first model's long run, not after it.
+    bases = {name: load_model(name, device=str(device), seed=settings.seed)[0] for name in settings.models}
+    return {"machine": describe_machine(device), "settings": asdict(settings), "memory_method": memory_method(device),
+            "shapes": {name: bench_shape(base, settings) for name, base in bases.items()}}
+
+
+def bench_shape(base: PreTrainedModel, settings: BenchSettings) -> dict:
+    """Every section for one model: its ratios compare runs of this model only, made side by side."""
+    device = base.device
     torch.manual_seed(settings.seed)
-    base, _ = load_model(settings.model, device=str(device), seed=settings.seed)
     variants = build_variants(base, settings)
+    sweep = sweep_variants(base, variants, settings)
     g = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(base.config.vocab_size, (settings.batch, settings.seq), generator=g).to(device)
     mask = torch.ones_like(ids)
     prompt = ids[:, : settings.seq // 4]  # equal lengths, so generate needs no padding
-    result = {"machine": describe_machine(device), "settings": asdict(settings), "memory_method": memory_method(device)}
-    result["checks"] = check_paths(base, variants, settings, ids, mask, prompt) if settings.quick else []
+    result = {"shape": describe_shape(base)}
+    result["checks"] = check_paths(base, variants, sweep, settings, ids, mask, prompt) if settings.quick else []
 
-    scoring = {name: (lambda v=v: score(v, ids, mask)) for name, v in variants.items()}
-    result["scoring"] = summarize(*measure(scoring, settings.repeats, device), variants,
-                                  settings.batch * settings.seq, "tokens/s", "base")
-    generation = {name: (lambda v=v: generate(v, prompt, torch.ones_like(prompt), settings.new_tokens))
+    scored = {name: variants[name] for name in SCORED}
+    scoring = {name: partial(score, v, ids, mask) for name, v in scored.items()}
+    scoring |= {sweep_key(name, n): partial(score, v, ids, mask) for name, points in sweep.items()
+                for n, v in points.items()}
+    seconds, memory = measure(scoring, settings.repeats, device)  # base and the sweep side by side
+    work = settings.batch * settings.seq
+    result["scoring"] = summarize(seconds, memory, scored, work, "tokens/s", "base")
+    result["sweep"] = summarize_sweep(seconds, memory, sweep, work)
+    generation = {name: partial(generate, v, prompt, torch.ones_like(prompt), settings.new_tokens)
                   for name, v in variants.items()}
     result["generation"] = summarize(*measure(generation, settings.repeats, device), variants,
                                      settings.batch * settings.new_tokens, "new tokens/s", "base")
@@ -426,9 +580,8 @@ def run_bench(settings: BenchSettings) -> dict:
     for name, variant in trained.items():
         variant.model.train()
         optimizer = torch.optim.AdamW([p for p in variant.model.parameters() if p.requires_grad], lr=1e-4)
-        steps[name] = lambda v=variant, o=optimizer: train_step(v, o, ids, mask)
-    result["training"] = summarize(*measure(steps, settings.repeats, device), trained,
-                                   settings.batch * settings.seq, "tokens/s", "lora")
+        steps[name] = partial(train_step, variant, optimizer, ids, mask)
+    result["training"] = summarize(*measure(steps, settings.repeats, device), trained, work, "tokens/s", "lora")
     for variant in trained.values():
         variant.model.eval()
     result["clustering"] = time_clustering(base, settings)
@@ -436,13 +589,30 @@ def run_bench(settings: BenchSettings) -> dict:
     return result
 
 
+def _sweep_seconds(result: dict, name: str) -> list[list[float]]:
+    """``name``'s seconds at each point of the sweep; the reference, timed once, stands beside every point."""
+    sweep = result["sweep"]
+    if name == sweep["reference"]:
+        return [result["scoring"]["variants"][name]["seconds"]] * len(sweep["clusters"])
+    return [point["seconds"] for point in sweep["variants"][name]["points"]]
+
+
+def _target(section: str, variant: str, reference: str | None, value: float, minimum: float, **where) -> dict:
+    return {"section": section, "variant": variant, "reference": reference, **where, "value": value,
+            "target": f">= {minimum:.3g} x {reference}", "met": value >= minimum}
+
+
 def evaluate_targets(result: dict) -> list[dict]:
+    """One model's targets: :data:`TARGETS`, :data:`SWEEP_TARGETS` at each point, and the clustering time."""
     targets = []
     for section, variant, reference, minimum in TARGETS:
         rows = result[section]["variants"]
-        ratio = paired_ratio(rows[reference]["seconds"], rows[variant]["seconds"])
-        targets.append({"section": section, "variant": variant, "reference": reference, "value": ratio,
-                        "target": f">= {minimum:.3g} x {reference}", "met": ratio >= minimum})
+        targets.append(_target(section, variant, reference, paired_ratio(rows[reference]["seconds"],
+                                                                         rows[variant]["seconds"]), minimum))
+    for variant, reference, minimum in SWEEP_TARGETS:
+        points = zip(result["sweep"]["clusters"], _sweep_seconds(result, reference), _sweep_seconds(result, variant))
+        targets += [_target("sweep", variant, reference, paired_ratio(ref, times), minimum, clusters=n)
+                    for n, ref, times in points]
     c = result["clustering"]
     seconds = c["fit_s"] + c["assign_s"]
     targets.append({"section": "clustering", "variant": "k-means fit + assignment", "reference": None, "value": seconds,
@@ -450,17 +620,43 @@ def evaluate_targets(result: dict) -> list[dict]:
     return targets
 
 
+def sweep_targets(result: dict) -> dict[str, list[dict]]:
+    """One model's sweep targets, grouped: ``{"variant >= m x reference": [one target per point]}``."""
+    grouped: dict[str, list[dict]] = {}
+    for target in result["targets"]:
+        if target["section"] == "sweep":
+            grouped.setdefault(f"{target['variant']} {target['target']}", []).append(target)
+    return grouped
+
+
+def _missed(points: list[dict]) -> str:
+    """``yes`` when every point meets its target, else the points (distinct clusters) that miss it."""
+    missed = [str(t["clusters"]) for t in points if not t["met"]]
+    return f"no at {', '.join(missed)}" if missed else "yes"
+
+
+def _shape_title(shape: dict) -> str:
+    return (f"{shape['architecture']}, {shape['layers']} layers x {shape['hidden']}, "
+            f"vocabulary {shape['vocab']:,}, {shape['parameters'] / 1e6:.1f} M parameters")
+
+
 # ---------------------------------------------------------------- report and command
 def format_report(result: dict) -> str:
     settings = result["settings"]
     machine = result["machine"]
     lines = [
-        f"{settings['model']} on {machine['device']} ({machine['cpu']}, {machine['cores']} cores, "
-        f"{machine['torch_threads']} torch threads, torch {machine['torch']}); "
-        f"median of {settings['repeats']} interleaved repeats",
+        f"{machine['device']} ({machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
+        f"torch {machine['torch']}); median of {settings['repeats']} interleaved repeats",
         f"peak MiB: {result['memory_method'] or 'not measured on this device'}",
     ]
-    targets = {(t["section"], t["variant"]): t for t in result["targets"]}
+    for name, shape in result["shapes"].items():
+        lines += ["", f"== {name}: {_shape_title(shape['shape'])}", *_shape_report(shape)]
+    return "\n".join(lines)
+
+
+def _shape_report(result: dict) -> list[str]:
+    lines = []
+    targets = {(t["section"], t["variant"]): t for t in result["targets"] if t["section"] != "sweep"}
     for section in ("scoring", "generation", "training"):
         table = result[section]
         lines += ["", f"{section}: {table['unit']}, {table['work_per_call']} tokens per call",
@@ -473,6 +669,15 @@ def format_report(result: dict) -> str:
             memory = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
             lines.append(f"{name:18} {row['throughput']:13,.1f} {row['ratio']:8.3f} {memory:>9} "
                          f"{row['weights_mib']:11.0f}  {goal:28} {met}")
+        if section == "scoring":
+            sweep = result["sweep"]
+            lines += ["", f"sweep: scoring throughput x base, by distinct clusters in a batch of "
+                          f"{sweep['clusters'][-1]} rows",
+                      f"{'variant':41} " + " ".join(f"{n:>7}" for n in sweep["clusters"])]
+            lines += [f"{name:41} " + " ".join(f"{p['ratio']:7.3f}" for p in row["points"])
+                      for name, row in sweep["variants"].items()]
+            lines += [f"{'target ' + subject:41} " + " ".join(f"{t['value']:7.3f}" for t in points)
+                      + f"  {_missed(points)}" for subject, points in sweep_targets(result).items()]
     c = result["clustering"]
     target = targets[("clustering", "k-means fit + assignment")]
     lines += ["", f"clustering: {c['rows']:,} rows x {c['dim']} (mean {c['mean_tokens']:.0f} tokens), k = {c['k']:,}",
@@ -486,23 +691,50 @@ def format_report(result: dict) -> str:
                      f"(fast / reference = {ref['inertia_ratio']:.4f})")
     if result["checks"]:
         lines += ["", f"correctness: {len(result['checks'])} checks passed"]
-    return "\n".join(lines)
+    return lines
 
 
 def bench_markdown(result: dict) -> str:
-    """The README's cost section: the machine, every variant's throughput and ratio, the targets."""
-    settings, machine, c = result["settings"], result["machine"], result["clustering"]
+    """The README's cost section: the machine, then for each model the sweep and its targets, every other
+    variant's throughput and ratio, the other targets and the clustering."""
+    settings, machine = result["settings"], result["machine"]
     threads = f"{machine['cores']} cores, {machine['torch_threads']} torch threads"
     where = machine["accelerator"] or f"{machine['cpu']}, {threads}"
     lines = [
-        f"`{settings['model']}` on {machine['device']} ({where}; torch {machine['torch']}): "
-        f"batch {settings['batch']} x {settings['seq']} tokens scored and trained, prompts of "
-        f"{settings['seq'] // 4} tokens extended by {settings['new_tokens']} greedy tokens; "
-        f"median of {settings['repeats']} interleaved repeats, ratios are medians of per-repeat ratios.",
-        "",
-        "| Section | Variant | What it runs | Throughput | x reference | Peak MiB |",
-        "|---|---|---|---:|---:|---:|",
+        f"On {machine['device']} ({where}; torch {machine['torch']}): batches of {settings['batch']} rows x "
+        f"{settings['seq']} tokens scored and trained, prompts of {settings['seq'] // 4} tokens extended by "
+        f"{settings['new_tokens']} greedy tokens; median of {settings['repeats']} interleaved repeats, ratios are "
+        "medians of per-repeat ratios."
     ]
+    for name, shape in result["shapes"].items():
+        lines += ["", f"### `{name}`: {_shape_title(shape['shape'])}", "", *_shape_markdown(shape)]
+    return "\n".join(lines) + "\n"
+
+
+def _shape_markdown(result: dict) -> list[str]:
+    sweep, c = result["sweep"], result["clustering"]
+    clusters = sweep["clusters"]
+    base = result["scoring"]["variants"]["base"]
+    columns = [f"{n} (every row)" if n == clusters[-1] else str(n) for n in clusters]
+    lines = [
+        f"Scoring with n distinct clusters in one batch (row i in cluster i mod n): throughput as a multiple of the "
+        f"base model's ({base['throughput']:,.1f} {sweep['unit']}), timed in the same rounds.",
+        "",
+        f"| Variant | What it runs | {' | '.join(columns)} | Peak MiB at {clusters[-1]} |",
+        "|---|---|" + "---:|" * (len(clusters) + 1),
+    ]
+    for name, row in sweep["variants"].items():
+        memory = row["points"][-1]["peak_memory_mib"]
+        lines.append(f"| {name} | {row['about']} | " + " | ".join(f"{p['ratio']:.3f}" for p in row["points"])
+                     + f" | {'-' if memory is None else f'{memory:,.0f}'} |")
+    lines += ["", f"| Target, at every point | {' | '.join(map(str, clusters))} | Met |",
+              "|---|" + "---:|" * len(clusters) + "---|"]
+    for subject, points in sweep_targets(result).items():
+        met = _missed(points)
+        lines.append(f"| {subject} | " + " | ".join(f"{t['value']:.3f}" for t in points)
+                     + f" | {met if met == 'yes' else f'**{met}**'} |")
+    lines += ["", "| Section | Variant | What it runs | Throughput | x reference | Peak MiB |",
+              "|---|---|---|---:|---:|---:|"]
     for section in ("scoring", "generation", "training"):
         table = result[section]
         for name, row in table["variants"].items():
@@ -511,6 +743,8 @@ def bench_markdown(result: dict) -> str:
                          f"{row['ratio']:.3f} x {table['reference']} | {memory} |")
     lines += ["", "| Target | Measured | Met |", "|---|---:|---|"]
     for target in result["targets"]:
+        if target["section"] == "sweep":
+            continue
         subject = f"{target['section']}: {target['variant']} {target['target']}"
         value = f"{target['value']:.2f} s" if target["reference"] is None else f"{target['value']:.3f}"
         lines.append(f"| {subject} | {value} | {'yes' if target['met'] else '**no**'} |")
@@ -520,4 +754,4 @@ def bench_markdown(result: dict) -> str:
         ref = c["reference"]
         lines.append(f"The reference k-means ({ref['about']}) takes {ref['fit_s']:.1f} s; the fast fit's inertia is "
                      f"{ref['inertia_ratio']:.4f} x the reference's.")
-    return "\n".join(lines) + "\n"
+    return lines

@@ -167,7 +167,8 @@ def _share_bundle(args: argparse.Namespace) -> dict:
 
 def _bench(args: argparse.Namespace) -> None:
     settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
-    given = {name: getattr(args, name) for name in ("model", "device", "batch", "seq", "new_tokens", "repeats")}
+    given = {name: getattr(args, name) for name in ("device", "batch", "seq", "new_tokens", "repeats")}
+    given["models"] = tuple(args.models) if args.models is not None else None
     result = run_bench(replace(settings, kmeans_reference=args.kmeans_reference,
                                **{name: value for name, value in given.items() if value is not None}))
     print(format_report(result))
@@ -256,15 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_generate)
 
     d = BenchSettings()
-    p = commands.add_parser("bench", help="measure what ChameleonLLM costs next to the base model and static LoRA")
-    p.add_argument("--model", default=None,
-                   help=f"hub id, local folder or random:* (default: {d.model}, GPT-2 small's shape with random "
-                        "weights: the scale of the paper's counts, and timings do not depend on the weights)")
+    p = commands.add_parser("bench", help="measure what ChameleonLLM costs next to the base model, static LoRA "
+                            "and PEFT's mixed-adapter batches")
+    p.add_argument("--models", "--model", dest="models", type=_names, default=None,
+                   help=f"comma-separated hub ids, local folders or random:*, each measured on its own (default: "
+                        f"{','.join(d.models)}, GPT-2 small's shape with random weights: the scale of the paper's "
+                        "counts, and timings do not depend on the weights; random:gpt2,random:smollm2 adds "
+                        "SmolLM2-135M's shape)")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement here")
-    p.add_argument("--quick", action="store_true",
-                   help="random:tiny-gpt2, a tiny batch and 1 repeat, after checking every path's outputs")
+    p.add_argument("--quick", action="store_true", help="random:tiny-gpt2 and random:tiny-llama, a tiny batch and "
+                   "1 repeat, after checking every path's outputs")
     _add_device(p)
-    p.add_argument("--batch", type=int, default=None, help=f"rows per batch (default: {d.batch})")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"rows per batch, >= 16: the sweep mixes 1, 4, 16 and --batch clusters (default: {d.batch})")
     p.add_argument("--seq", type=int, default=None, help=f"tokens per row (default: {d.seq}; prompts are seq // 4)")
     p.add_argument("--new-tokens", dest="new_tokens", type=int, default=None,
                    help=f"generated per row (default: {d.new_tokens})")

