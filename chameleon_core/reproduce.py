@@ -206,7 +206,7 @@ def _fmt(stat: dict, digits: int = 4) -> str:
 def results_markdown(results: dict) -> str:
     """The paper-style tables, one per protocol, with the facts needed to read them."""
     setup = results["setup"]
-    train_rows = next((b["rows"]["train"] for b in results["protocols"].values()), None)
+    train_rows = next((b["rows"].get("train") for b in results["protocols"].values()), None)
     sizes = f"{train_rows:,} training rows" if train_rows is not None else "training rows: none finished"
     lines = [
         f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {setup['epochs']} epochs, batch {setup['batch_size']}, "

@@ -1,13 +1,18 @@
 """The teaching notebooks run top to bottom, and the profile switch they share resolves as documented.
 
-Each notebook runs through nbval in lax mode: every cell must run, and the cells marked
+Each notebook, and each notebook of exercise solutions in ``notebooks/solutions/``, runs through nbval
+in lax mode: every cell must run (a solution's exercise checks are asserts), and the cells marked
 ``# NBVAL_CHECK_OUTPUT`` (shapes, parameter counts, protocol facts) must print what the committed
 notebook printed, whichever profile runs (``local`` where the local data exists, else ``tiny``).
+The committed notebooks are also read as documents: their LaTeX is intact, every plotly figure carries
+a static image for viewers without JavaScript and is introduced by what to look at, every notebook ends
+with a take-away in numbers, and its exercises' checks are the ones its solutions pass.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,27 +25,139 @@ from chameleon_core.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SOLUTIONS = sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
+PLOTLY = "application/vnd.plotly.v1+json"
+
+
+def _cells(path: Path, kind: str | None = None) -> list:
+    return [cell for cell in nbformat.read(path, as_version=4).cells if kind is None or cell.cell_type == kind]
+
+
+def _text(output) -> str:
+    """What an output shows as text: a stream, or the markdown / plain text of a rich output."""
+    if output.output_type == "stream":
+        return output.text
+    data = output.get("data", {})
+    return data.get("text/markdown", data.get("text/plain", ""))
 
 
 def test_the_six_notebooks_are_there():
     assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_", "06_"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_every_notebook_has_its_solutions():
+    assert [path.name for path in SOLUTIONS] == [f"{path.name[:2]}_solutions.ipynb" for path in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
 def test_notebook_is_committed_with_the_outputs_of_one_run(path):
-    cells = [cell for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+    cells = _cells(path, "code")
     counts = [cell.execution_count for cell in cells]
     assert counts == list(range(1, len(cells) + 1)), "re-run the notebook top to bottom before committing it"
     assert not [o for cell in cells for o in cell.outputs if o.output_type == "error"]
-    assert any(cell.source.startswith("# NBVAL_CHECK_OUTPUT") for cell in cells)
+    if path in NOTEBOOKS:
+        assert any(cell.source.startswith("# NBVAL_CHECK_OUTPUT") for cell in cells)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
 def test_notebook_runs_and_its_checked_cells_match(path):
     command = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider", "-q",
                str(path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the notebooks as documents
+# LaTeX commands the notebooks' formulas may use: any other name is a typo or an escape that ate a backslash.
+LATEX = set("""
+alpha beta gamma delta epsilon theta lambda mu sigma tau phi psi omega nabla partial infty
+frac sqrt sum prod int min max log exp tr operatorname mathbb mathcal mathrm mathbf text textbf left right
+langle rangle lVert rVert Vert vert cdot cdots ldots dots times top ll gg le ge leq geq neq approx sim propto
+in notin subset mid quad qquad hat tilde bar vec
+""".split())
+# The letters of the escapes that a string literal turns into a line break: "\rangle" written as "\r" + "angle".
+EATEN = "rn"
+
+
+def latex_problems(markdown: str) -> list[str]:
+    """What is broken in the LaTeX of one markdown text: escapes that ate a backslash, unknown commands,
+    inline formulas cut by a line break."""
+    problems = [f"control character {char!r}" for char in sorted(set(re.findall(r"[\x00-\x09\x0b-\x1f\x7f]", markdown)))]
+    text = re.sub(r"```.*?```|`[^`\n]*`", "", markdown, flags=re.S)  # code is not LaTeX
+    display = re.findall(r"\$\$(.*?)\$\$", text, flags=re.S)
+    text = re.sub(r"\$\$.*?\$\$", "", text, flags=re.S)
+    problems += [f"a $ without its pair on the line {line!r}" for line in text.splitlines() if line.count("$") % 2]
+    for formula in display + re.findall(r"\$([^$\n]+)\$", text):
+        problems += [f"unknown LaTeX command \\{name}" for name in re.findall(r"\\([A-Za-z]+)", formula) if name not in LATEX]
+        for line in formula.splitlines()[1:]:
+            word = re.match(r"\s*([A-Za-z]+)", line)
+            if word and any(letter + word.group(1) in LATEX for letter in EATEN):
+                problems.append(f"a line of a formula starts with {word.group(1)!r}: an escape ate the backslash of a command")
+    return problems
+
+
+def test_the_latex_check_finds_a_broken_command():
+    assert latex_problems(r"$$\langle A, B \rangle_F = \frac{1}{2}$$") == []
+    assert latex_problems("$$\\langle A, B \rangle_F$$")  # "\r" + "angle": a carriage return
+    assert latex_problems("$$\\langle A, B \n angle_F$$")  # the same, split into two lines
+    assert latex_problems("$\\frac{a}{b}$ and $\frac{a}{b}$")  # "\f": a form feed
+    assert latex_problems("$$\\nabla f = \\rangel$$")  # a typo
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
+def test_markdown_latex_is_intact(path):
+    texts = [cell.source for cell in _cells(path, "markdown")]
+    texts += [o.data["text/markdown"] for cell in _cells(path, "code") for o in cell.outputs if "text/markdown" in o.get("data", {})]
+    problems = [f"{text[:60]!r}: {problem}" for text in texts for problem in latex_problems(text)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
+def test_every_figure_has_a_static_image_and_says_what_to_look_at(path):
+    """Viewers without JavaScript (GitHub, nbconvert's HTML) draw the PNG; JupyterLab draws the plotly figure."""
+    markdown = ""
+    for cell in _cells(path):
+        if cell.cell_type == "markdown":
+            markdown = cell.source
+            continue
+        for output in cell.outputs:
+            data = output.get("data", {})
+            if PLOTLY in data:
+                assert data.get("image/png"), f"a figure in {cell.source[:60]!r} has no static image"
+                assert "text/html" not in data, "HTML that loads plotly.js would hide the static image in HTML viewers"
+                assert "What to look at" in markdown, f"the figure of {cell.source[:60]!r} is not introduced by what to look at"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_ends_with_a_take_away_in_numbers(path):
+    cells = _cells(path)
+    heading = next((i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith("## Take-away")), None)
+    assert heading is not None and heading >= len(cells) - 4, "the notebook must end with a '## Take-away' section"
+    shown = " ".join(_text(output) for cell in cells[heading:] if cell.cell_type == "code" for output in cell.outputs)
+    assert re.search(r"\d", shown), "the take-away must state its numbers (generated from the notebook's results)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_training_cells_print_their_wall_time(path):
+    cells = _cells(path, "code")
+    if any(re.search(r"\btrain\(", cell.source) for cell in cells):
+        assert any("wall time" in _text(o) for cell in cells for o in cell.outputs)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_exercises_are_checked_by_the_cells_their_solutions_pass(path):
+    """One or two exercises: the learner's cell holds a placeholder, its check says so; the solutions notebook
+    fills it in and runs the very same check cell, whose committed output says correct."""
+    turns = [cell for cell in _cells(path, "code") if cell.source.startswith("# YOUR TURN")]
+    checks = [cell for cell in _cells(path, "code") if cell.source.startswith("# CHECK")]
+    solved = [cell for cell in _cells(ROOT / "notebooks" / "solutions" / f"{path.name[:2]}_solutions.ipynb", "code")
+              if cell.source.startswith("# CHECK")]
+    numbers = sorted({int(n) for cell in checks for n in re.findall(r"exercises? (\d)(?: and (\d))?", cell.source.splitlines()[0])[0] if n})
+    assert 1 <= len(numbers) <= 2 and len(turns) == len(checks), "one or two exercises, each with its own check"
+    assert all("..." in cell.source for cell in turns), "the learner's cells start with a placeholder"
+    assert [cell.source for cell in solved] == [cell.source for cell in checks], "the solutions run the notebook's checks"
+    assert all("not answered yet" in "".join(map(_text, cell.outputs)) for cell in checks)
+    assert all("correct" in "".join(map(_text, cell.outputs)) for cell in solved)
 
 
 def test_unknown_profile_is_refused():
