@@ -12,6 +12,12 @@ report it: ChameleonLLM's gathered head, ``lora-per-cluster``'s, PEFT's ``adapte
 with one static head LoRA per cluster, and the naive head. ``--models`` measures several shapes in
 one run (GPT-2 small's and SmolLM2-135M's), each on its own.
 
+The ``serving`` section serves a trained bundle set to 1, 8 and 24 concurrent clients through the
+app's scheduler, with merging on and off, in process and through the page's HTTP API
+(:func:`~.serving.measure_serving`): throughput, p50/p95 latency, and every answer checked against
+the one its request gets alone. ``--sections serving`` re-measures it alone, keeping the other
+sections of an existing ``--json`` file.
+
 A shared machine drifts, so every repeat runs each variant once, in an order that rotates from
 one repeat to the next; tables give medians, and ratios are medians of per-repeat ratios.
 ``--quick`` runs tiny models and first checks that every timed path computes what it claims.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import gc
+import importlib.util
 import os
 import platform
 import statistics
@@ -39,18 +46,23 @@ import torch.nn.functional as F
 import transformers
 from transformers import PreTrainedModel
 
+from .bundle import read_bundle_config
 from .clustering import fit_clusters
+from .demo import open_bundle_set
 from .embeddings import mean_embedding
 from .hyper_head import ClusterLoRAHead, HyperLoRAHead, conditioned, conditioned_head, hyper_head
 from .lora import lora_layers, merge_lora, output_head_name
 from .models import load_model, resolve_device
 from .regimes import AdapterConfig, apply_regime
+from .serving import measure_serving
 
 EMBED_BATCH = 512  # rows embedded at a time, as embed_texts does
 TOPICS, TOPIC_WORDS = 512, 64  # cluster structure of the synthetic clustering rows
 ROW_TOKENS = 128  # clustering rows hold 1..128 tokens: 65 on average, as WikiText-2's lines in GPT-2 tokens
 MIB = 2**20
 SWEEP = (1, 4, 16)  # distinct clusters in a scored batch; the sweep ends with every row its own cluster
+SECTIONS = ("shapes", "serving")  # shapes: every --models shape measured; serving: a bundle set served to clients
+SERVING_TARGET = (24, 2.5)  # 24 concurrent clients served at >= 2.5 x the one-at-a-time rate, answers unchanged
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,9 @@ class BenchSettings:
     rank: int = 4
     cluster_rows: int = 36_718  # WikiText-2's training lines
     kmeans_reference: bool = False  # also time the slow reference k-means and compare inertia
+    sections: tuple[str, ...] = ("shapes",)
+    serving_set: str = "assets/bundles/smollm2-alpaca"  # the bundle set the serving section serves
+    serving_clients: tuple[int, ...] = (1, 8, 24)  # concurrent clients, each sending 2 requests of 2 prompts
     seed: int = 0
     quick: bool = False
 
@@ -73,7 +88,7 @@ class BenchSettings:
         """Both architectures (GPT-2's and Llama's heads and PEFT wrappers differ), and 20 rows, so that the
         sweep's last point (every row its own cluster) is not its 16-cluster point."""
         return cls(models=("random:tiny-gpt2", "random:tiny-llama"), batch=20, seq=16, new_tokens=4, repeats=1,
-                   cluster_rows=1024, quick=True)
+                   cluster_rows=1024, serving_clients=(1, 2), quick=True)
 
     @property
     def sweep(self) -> tuple[int, ...]:
@@ -83,6 +98,16 @@ class BenchSettings:
     def validate(self) -> None:
         if not self.models or len(set(self.models)) != len(self.models):
             raise ValueError(f"--models must name one or more different models, got {','.join(self.models)!r}")
+        if "shapes" in self.sections and importlib.util.find_spec("peft") is None:
+            raise ValueError("the shapes section compares with PEFT's mixed-adapter batches: pip install peft "
+                             "(or chameleon-llm[bench]), or measure --sections serving alone")
+        if not self.sections or not set(self.sections) <= set(SECTIONS):
+            raise ValueError(f"--sections must name some of {', '.join(SECTIONS)}, got {','.join(self.sections)!r}")
+        if "serving" in self.sections and not (Path(self.serving_set) / "chameleon").is_dir():
+            raise ValueError(f"--serving-set {self.serving_set} is not a bundle set (no chameleon/ in it); "
+                             "build one with `python app.py --build-only`")
+        if not self.serving_clients or min(self.serving_clients) < 1:
+            raise ValueError(f"serving clients must be >= 1, got {self.serving_clients}")
         if self.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}")
         if self.seq < 4 or self.new_tokens < 1:
@@ -515,6 +540,29 @@ def time_clustering(model: PreTrainedModel, settings: BenchSettings) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- serving
+def bench_serving(settings: BenchSettings) -> dict:
+    """The app's scheduler serving ``settings.serving_set`` (real prompts on its real model) to each number
+    of ``settings.serving_clients`` concurrent clients, in process and through the page's HTTP API."""
+    try:
+        import app  # the page lives beside the package, at the repository's root
+    except ModuleNotFoundError:
+        raise ValueError("the serving section drives the page in app.py: run bench from the repository's root, "
+                         "or leave serving out of --sections") from None
+    path = Path(settings.serving_set)
+    model_name = read_bundle_config(path / "chameleon")["base_model"]
+    bundle_set = open_bundle_set(model_name, bundle=path, build=False)
+    with app.running(app.Engine.serving(bundle_set)) as url:
+        result = measure_serving(bundle_set, clients=settings.serving_clients, max_new_tokens=settings.new_tokens,
+                                 url=url)
+    clients, minimum = SERVING_TARGET
+    for run in result["runs"]:
+        if run["mode"] != "one at a time" and run["clients"] == clients:
+            run["target"] = {"target": f">= {minimum:g} x one at a time",
+                             "met": run["speedup"] >= minimum and run["same_as_alone"] == run["requests"]}
+    return {"machine": describe_machine(bundle_set.model.device), "measured": _now(), **result}
+
+
 # ---------------------------------------------------------------- the whole run
 def describe_machine(device: torch.device) -> dict:
     cpuinfo = Path("/proc/cpuinfo")
@@ -541,13 +589,41 @@ def describe_shape(model: PreTrainedModel) -> dict:
 
 
 def run_bench(settings: BenchSettings) -> dict:
-    """Measure each model of ``settings.models``; ``settings.quick`` first checks every path (raises if one fails)."""
+    """Measure each section of ``settings.sections``; ``settings.quick`` first checks every path (raises if one fails)."""
     settings.validate()
     device = resolve_device(settings.device)
-    # Every model loaded first, so that a bad name fails before the first model's long run, not after it.
-    bases = {name: load_model(name, device=str(device), seed=settings.seed)[0] for name in settings.models}
-    return {"machine": describe_machine(device), "settings": asdict(settings), "memory_method": memory_method(device),
-            "shapes": {name: bench_shape(base, settings) for name, base in bases.items()}}
+    result = {"machine": describe_machine(device), "settings": asdict(settings), "measured": _now()}
+    if "shapes" in settings.sections:
+        began = time.perf_counter()
+        # Every model loaded first, so that a bad name fails before the first model's long run, not after it.
+        bases = {name: load_model(name, device=str(device), seed=settings.seed)[0] for name in settings.models}
+        result |= {"memory_method": memory_method(device),
+                   "shapes": {name: bench_shape(base, settings) for name, base in bases.items()},
+                   "wall_seconds": time.perf_counter() - began}
+    if "serving" in settings.sections:
+        began = time.perf_counter()
+        result["serving"] = bench_serving(settings)  # on the device load_model picks
+        result["serving"]["wall_seconds"] = time.perf_counter() - began
+    return result
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def merge_runs(previous: dict, result: dict) -> dict:
+    """``result`` with the sections it did not measure taken from ``previous`` (an earlier ``--json``), so
+    that one section can be re-measured alone; each section keeps the machine and settings it was measured
+    with (the serving section carries its own)."""
+    merged = dict(result)
+    if "shapes" not in result and "shapes" in previous:
+        for key in ("machine", "settings", "measured", "memory_method", "shapes", "wall_seconds"):  # the shapes' own
+            merged.pop(key, None)
+            if key in previous:
+                merged[key] = previous[key]
+    if "serving" not in result and "serving" in previous:
+        merged["serving"] = previous["serving"]
+    return merged
 
 
 def bench_shape(base: PreTrainedModel, settings: BenchSettings) -> dict:
@@ -642,16 +718,34 @@ def _shape_title(shape: dict) -> str:
 
 # ---------------------------------------------------------------- report and command
 def format_report(result: dict) -> str:
-    settings = result["settings"]
-    machine = result["machine"]
-    lines = [
-        f"{machine['device']} ({machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
-        f"torch {machine['torch']}); median of {settings['repeats']} interleaved repeats",
-        f"peak MiB: {result['memory_method'] or 'not measured on this device'}",
-    ]
-    for name, shape in result["shapes"].items():
-        lines += ["", f"== {name}: {_shape_title(shape['shape'])}", *_shape_report(shape)]
-    return "\n".join(lines)
+    lines = []
+    if "shapes" in result:
+        settings, machine = result["settings"], result["machine"]
+        lines += [f"{machine['device']} ({machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch "
+                  f"threads, torch {machine['torch']}); median of {settings['repeats']} interleaved repeats",
+                  f"peak MiB: {result['memory_method'] or 'not measured on this device'}"]
+        for name, shape in result["shapes"].items():
+            lines += ["", f"== {name}: {_shape_title(shape['shape'])}", *_shape_report(shape)]
+    if "serving" in result:
+        lines += ["", *_serving_report(result["serving"])]
+    lines += ["", targets_summary(result).replace("**", "").replace("`", "")]
+    return "\n".join(lines).strip("\n")
+
+
+def _serving_report(serving: dict) -> list[str]:
+    s = serving["settings"]
+    lines = [f"== serving {s['bundle_set']} ({s['model']}): {s['requests_per_client']} requests of "
+             f"{s['prompts_per_request']} prompts per client, {s['max_new_tokens']} new tokens, window {s['window_s']} s",
+             f"{'clients':>7} {'mode':14} {'requests/s':>10} {'x alone':>8} {'p50 s':>7} {'p95 s':>7} {'batches':>7} "
+             f"{'same':>5}  target"]
+    for run in serving["runs"]:
+        same = f"{run['same_as_alone']}/{run['requests']}" if "same_as_alone" in run else ""
+        target = run.get("target")
+        goal = f"{target['target']}: {'yes' if target['met'] else 'NO'}" if target else ""
+        lines.append(f"{run['clients']:7} {run['mode']:14} {run['requests_per_s']:10.3f} {run['speedup']:8.2f} "
+                     f"{run['latency_p50_s']:7.2f} {run['latency_p95_s']:7.2f} {run.get('batches', ''):>7} "
+                     f"{same:>5}  {goal}")
+    return lines
 
 
 def _shape_report(result: dict) -> list[str]:
@@ -696,19 +790,79 @@ def _shape_report(result: dict) -> list[str]:
 
 def bench_markdown(result: dict) -> str:
     """The README's cost section: the machine, then for each model the sweep and its targets, every other
-    variant's throughput and ratio, the other targets and the clustering."""
-    settings, machine = result["settings"], result["machine"]
-    threads = f"{machine['cores']} cores, {machine['torch_threads']} torch threads"
-    where = machine["accelerator"] or f"{machine['cpu']}, {threads}"
+    variant's throughput and ratio, the other targets and the clustering; then serving."""
+    summary = targets_summary(result)
+    lines = [summary, ""] if summary else []
+    if "shapes" in result:
+        settings, machine = result["settings"], result["machine"]
+        lines += [
+            f"On {_where(machine)}: batches of {settings['batch']} rows x {settings['seq']} tokens scored and "
+            f"trained, prompts of {settings['seq'] // 4} tokens extended by {settings['new_tokens']} greedy tokens; "
+            f"median of {settings['repeats']} interleaved repeats, ratios are medians of per-repeat ratios"
+            + (f"; {result['wall_seconds'] / 60:.0f} min in all." if "wall_seconds" in result else ".")
+        ]
+        for name, shape in result["shapes"].items():
+            lines += ["", f"### `{name}`: {_shape_title(shape['shape'])}", "", *_shape_markdown(shape)]
+    if "serving" in result:
+        lines += ["", *_serving_markdown(result["serving"])]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def targets_summary(result: dict) -> str:
+    """One sentence: how many of the measured targets are met, and which are not (each shape's sweep
+    target counts once, met only if met at every point); empty when nothing measured has a target."""
+    verdicts = []  # (subject, met)
+    for name, shape in result.get("shapes", {}).items():
+        verdicts += [(f"{name} sweep: {subject}", _missed(points) == "yes")
+                     for subject, points in sweep_targets(shape).items()]
+        verdicts += [(f"{name} {t['section']}: {t['variant']} {t['target']}", t["met"])
+                     for t in shape["targets"] if t["section"] != "sweep"]
+    verdicts += [(f"serving, {run['clients']} clients, {run['mode']}: {run['target']['target']}", run["target"]["met"])
+                 for run in result.get("serving", {}).get("runs", []) if "target" in run]
+    if not verdicts:
+        return ""
+    missed = [subject for subject, met in verdicts if not met]
+    text = f"**Targets: {len(verdicts) - len(missed)} of {len(verdicts)} met.**"
+    return text + (f" Not met: {'; '.join(f'`{m}`' for m in missed)}." if missed else "")
+
+
+def _where(machine: dict) -> str:
+    where = machine["accelerator"] or f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
+    return f"{machine['device']} ({where}; torch {machine['torch']})"
+
+
+def _serving_markdown(serving: dict) -> list[str]:
+    s = serving["settings"]
     lines = [
-        f"On {machine['device']} ({where}; torch {machine['torch']}): batches of {settings['batch']} rows x "
-        f"{settings['seq']} tokens scored and trained, prompts of {settings['seq'] // 4} tokens extended by "
-        f"{settings['new_tokens']} greedy tokens; median of {settings['repeats']} interleaved repeats, ratios are "
-        "medians of per-repeat ratios."
+        f"### Serving `{s['bundle_set']}` ({s['model']}) to concurrent clients",
+        "",
+        f"On {_where(serving['machine'])}"
+        + (f", {serving['wall_seconds'] / 60:.0f} min in all" if "wall_seconds" in serving else "")
+        + f". Each client sends {s['requests_per_client']} requests of "
+        f"{s['prompts_per_request']} prompts one after another (every other one sampled with its own seed; "
+        f"{s['max_new_tokens']} new tokens from each of base, static LoRA and ChameleonLLM); all clients start "
+        f"together. *One at a time*: the scheduler never merges, so each request runs alone, and its answers are "
+        f"the reference. *Merged*: requests arriving within {s['window_s'] * 1000:g} ms, or while a batch runs, share "
+        f"one mixed-cluster batch per model (at most {s['max_batch']} prompts). *HTTP*: the same requests through the "
+        "page's `/compare` API (Gradio's queue in front of the merging scheduler).",
+        "",
+        "| Clients | Mode | Requests/s | x one at a time | p50 latency | p95 latency | Model batches | "
+        "Answers as alone |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, shape in result["shapes"].items():
-        lines += ["", f"### `{name}`: {_shape_title(shape['shape'])}", "", *_shape_markdown(shape)]
-    return "\n".join(lines) + "\n"
+    for run in serving["runs"]:
+        same = f"{run['same_as_alone']} / {run['requests']}" if "same_as_alone" in run else "(reference)"
+        lines.append(f"| {run['clients']} | {run['mode']} | {run['requests_per_s']:.3f} | {run['speedup']:.2f} | "
+                     f"{run['latency_p50_s']:.1f} s | {run['latency_p95_s']:.1f} s | {run.get('batches', '-')} | "
+                     f"{same} |")
+    targeted = [run for run in serving["runs"] if "target" in run]
+    if targeted:
+        clients = targeted[0]["clients"]
+        lines += ["", f"| Target: {clients} clients | Measured | Met |", "|---|---:|---|"]
+        lines += [f"| {run['mode']}: {run['target']['target']}, every answer as alone | {run['speedup']:.2f}, "
+                  f"{run['same_as_alone']} / {run['requests']} | {'yes' if run['target']['met'] else '**no**'} |"
+                  for run in targeted]
+    return lines
 
 
 def _shape_markdown(result: dict) -> list[str]:
@@ -733,6 +887,10 @@ def _shape_markdown(result: dict) -> list[str]:
         met = _missed(points)
         lines.append(f"| {subject} | " + " | ".join(f"{t['value']:.3f}" for t in points)
                      + f" | {met if met == 'yes' else f'**{met}**'} |")
+    noise = result["scoring"]["variants"].get("lora-merged")
+    if noise is not None:
+        lines += ["", f"How much two runs of the same work differ here: `lora-merged` does exactly the base model's "
+                      f"work and scored {noise['ratio']:.3f} x base in the same rounds."]
     lines += ["", "| Section | Variant | What it runs | Throughput | x reference | Peak MiB |",
               "|---|---|---|---:|---:|---:|"]
     for section in ("scoring", "generation", "training"):

@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .bench import BenchSettings, format_report, run_bench
+from .bench import SECTIONS, BenchSettings, format_report, merge_runs, run_bench
 from .bundle import load_bundle, read_bundle_config, share_bundle
 from .demo import open_bundle_set
 from .inference import (
@@ -167,12 +167,25 @@ def _share_bundle(args: argparse.Namespace) -> dict:
 
 def _bench(args: argparse.Namespace) -> None:
     settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
-    given = {name: getattr(args, name) for name in ("device", "batch", "seq", "new_tokens", "repeats")}
+    given = {name: getattr(args, name) for name in ("device", "batch", "seq", "new_tokens", "repeats", "serving_set")}
     given["models"] = tuple(args.models) if args.models is not None else None
-    result = run_bench(replace(settings, kmeans_reference=args.kmeans_reference,
-                               **{name: value for name, value in given.items() if value is not None}))
+    given["sections"] = tuple(args.sections) if args.sections is not None else None
+    settings = replace(settings, kmeans_reference=args.kmeans_reference,
+                       **{name: value for name, value in given.items() if value is not None})
+    previous = None
+    if args.json is not None and args.json.is_file() and set(settings.sections) != set(SECTIONS):
+        try:  # read before the long run: a file that cannot be kept from is refused now, not overwritten later
+            previous = json.loads(args.json.read_text())
+        except json.JSONDecodeError as err:
+            previous = err
+        if not isinstance(previous, dict) or not set(previous) & set(SECTIONS):
+            raise ValueError(f"--json {args.json} holds no bench sections ({', '.join(SECTIONS)}) to keep beside "
+                             "the ones measured now: move it away or name another file")
+    result = run_bench(settings)
     print(format_report(result))
     if args.json is not None:
+        if previous is not None:
+            result = merge_runs(previous, result)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -276,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help=f"interleaved rounds (default: {d.repeats})")
     p.add_argument("--kmeans-reference", dest="kmeans_reference", action="store_true",
                    help="also fit the slow reference k-means (minutes) and compare inertia")
+    p.add_argument("--sections", type=_names, default=None,
+                   help=f"comma-separated, of {', '.join(SECTIONS)}: shapes measures every --models shape, serving "
+                        "serves --serving-set to 1, 8 and 24 concurrent clients in process and through the page's "
+                        "API (run from the repository root); sections not measured are kept from an existing --json "
+                        f"file (default: {','.join(d.sections)})")
+    p.add_argument("--serving-set", dest="serving_set", default=None,
+                   help=f"the bundle set the serving section serves (default: {d.serving_set})")
     p.set_defaults(run=_bench)
     return parser
 

@@ -113,6 +113,12 @@ def test_reports_show_the_sweep_and_whether_each_target_is_met(quick):
             values = " | ".join(f"{t['value']:.3f}" for t in points)
             assert f"| {variant} >= {minimum:g} x {reference} | {values} | {met} |" in markdown
     assert all(name in report for name in (*GENERATED, *SWEPT)) and "clustering: 1,024 rows" in report
+    per_shape = len(SWEEP_TARGETS) + len(TARGETS) + 1  # the sweep's, the other ratios', the clustering's
+    missed = sum(not all(t["met"] for t in points) for shape in quick["shapes"].values()
+                 for points in ([t for t in shape["targets"] if (t["variant"], t["reference"]) == (v, r)]
+                                for v, r, _ in SWEEP_TARGETS))
+    missed += sum(not t["met"] for shape in quick["shapes"].values() for t in shape["targets"] if t["section"] != "sweep")
+    assert markdown.startswith(f"**Targets: {2 * per_shape - missed} of {2 * per_shape} met.**")
 
 
 def cluster_alone(variant: Variant, cluster: int, ids: torch.Tensor) -> torch.Tensor:
@@ -244,3 +250,81 @@ def test_the_committed_full_run_holds_the_sweep_for_both_shapes():
         naive, chameleon = (sweep["variants"][name]["points"][-1] for name in ("naive-mixed", "chameleon-mixed"))
         assert naive["ratio"] < chameleon["ratio"] and naive["peak_memory_mib"] > chameleon["peak_memory_mib"]
         assert shape["clustering"]["reference"]["inertia_ratio"] < 1.002  # clustering.fit_clusters' docstring: 0.2 %
+
+
+def test_the_committed_serving_run_served_real_prompts_and_kept_every_answer():
+    """README: 1, 8 and 24 clients on SmolLM2's demo set, merging on and off and through the page's API."""
+    path = Path(__file__).resolve().parents[1] / "assets" / "results" / "bench.json"
+    if not path.is_file():
+        pytest.skip("no committed bench run")
+    serving = json.loads(path.read_text())["serving"]
+    assert serving["settings"]["model"] == "smollm2" and serving["settings"]["clients"] == [1, 8, 24]
+    runs = {(run["mode"], run["clients"]): run for run in serving["runs"]}
+    assert set(runs) == {(mode, n) for mode in ("one at a time", "merged", "http") for n in (1, 8, 24)}
+    for (mode, n), run in runs.items():
+        assert run["requests"] == 2 * n
+        if mode != "one at a time":
+            assert run["same_as_alone"] == run["requests"]
+    assert runs["merged", 24]["batches"] < runs["one at a time", 24]["batches"]  # merging happened
+
+
+# ---------------------------------------------------------------- serving section
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory):
+    """``bench --sections serving`` on a tiny bundle set, written into a file that already holds shapes."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_app import make_bundle_set  # the tiny set the app's tests serve
+
+    bundle = make_bundle_set(tmp_path_factory.mktemp("bundles") / "tiny")
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    earlier = {"machine": {"cpu": "earlier"}, "settings": {"repeats": 5}, "memory_method": None, "shapes": {"x": {}}}
+    path.write_text(json.dumps(earlier))
+    assert main(["bench", "--quick", "--sections", "serving", "--serving-set", str(bundle), "--json", str(path)]) == 0
+    return json.loads(path.read_text()), earlier
+
+
+def test_serving_section_measures_each_mode_and_checks_every_answer(serving):
+    result, _ = serving
+    runs = result["serving"]["runs"]
+    assert [(r["mode"], r["clients"]) for r in runs] == [
+        ("one at a time", 1), ("merged", 1), ("one at a time", 2), ("merged", 2), ("http", 1), ("http", 2)]
+    for run in runs:
+        assert run["requests"] == 2 * run["clients"] and run["latency_p95_s"] >= run["latency_p50_s"] > 0
+        if run["mode"] != "one at a time":
+            assert run["same_as_alone"] == run["requests"]  # merged or through HTTP, every answer as alone
+    assert not any("target" in run for run in runs)  # the target is stated at 24 clients, not measured here
+    assert result["serving"]["settings"]["max_new_tokens"] == QUICK.new_tokens
+
+
+def test_a_section_measured_alone_keeps_the_others_of_the_file(serving):
+    result, earlier = serving
+    assert {key: result[key] for key in earlier} == earlier  # shapes, with the machine and settings they had
+    assert result["serving"]["machine"]["cpu"] != "earlier"
+
+
+def test_serving_reports_name_modes_and_answers(serving):
+    result, _ = serving
+    text = format_report({"serving": result["serving"]})
+    assert text.startswith("== serving tiny") and "   4/4" in text
+    markdown = bench_markdown({"serving": result["serving"]})
+    assert markdown.startswith("### Serving `tiny`") and "Targets" not in markdown and "| 2 | http |" in markdown and "| 4 / 4 |" in markdown
+
+
+def test_serving_refuses_a_file_it_cannot_keep_from_and_a_set_that_is_not_one(tmp_path, capsys):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    assert main(["bench", "--sections", "serving", "--json", str(notes)]) == 2
+    assert "holds no bench sections (shapes, serving)" in capsys.readouterr().err
+    assert notes.read_text() == '{"mine": 1}'
+    assert main(["bench", "--sections", "serving", "--serving-set", str(tmp_path)]) == 2
+    assert f"--serving-set {tmp_path} is not a bundle set" in capsys.readouterr().err
+
+
+def test_without_peft_the_shapes_section_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "peft" else find_spec(name, *rest))
+    with pytest.raises(ValueError, match=r"pip install peft \(or chameleon-llm\[bench\]\)"):
+        run_bench(QUICK)
