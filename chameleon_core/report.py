@@ -68,11 +68,12 @@ def judged(table: dict, row: str, reference: str) -> str:
 
 
 def _beats(table: dict, reference: str) -> bool | None:
-    """Whether chameleon's loss is lower than ``reference``'s by more than the seed spread (None: not run)."""
+    """Whether chameleon's loss is lower than ``reference``'s by more than the seed spread (None: not run,
+    or one seed each, so that there is no spread to judge by)."""
     if "chameleon" not in table or reference not in table:
         return None
     diff, spread = difference(table, "chameleon", reference)
-    return diff < -(spread or 0.0)
+    return None if spread is None else diff < -spread
 
 
 def findings_section(sets: list[tuple[Path, dict]]) -> str:
@@ -106,8 +107,14 @@ def _verdict(results: dict, table: dict) -> str:
     beaten = [row for row in trained if "base" in table and table[row]["val_loss"]["mean"] < table["base"]["val_loss"]["mean"]]
     adapted = f"{len(beaten)} of {len(trained)} trained rows score below the unadapted model. "
     constant, per_cluster = _beats(table, "chameleon-constant"), _beats(table, "lora-per-cluster")
-    if constant is None or per_cluster is None:
+    if any(row not in table for row in ("chameleon", "chameleon-constant", "lora-per-cluster")):
         return f"- **{name}:** {adapted}The conditioning question waits for rows that have not run yet."
+    if constant is None or per_cluster is None:
+        diffs = ", ".join(f"{difference(table, 'chameleon', reference)[0]:+.4f} vs {what}" for what, reference in (
+            ("the constant-input hyper-network", "chameleon-constant"), ("one static head LoRA per cluster",
+            "lora-per-cluster"), ("static LoRA with as many parameters", "lora-matched")) if reference in table)
+        return (f"- **{name}:** {adapted}With one seed of each row there is no seed spread to judge by yet; "
+                f"ChameleonLLM's validation loss differs by {diffs}.")
     if constant and per_cluster:
         answer = ("batch-aware conditioning helps here: ChameleonLLM beats both the constant-input hyper-network "
                   "and one static head LoRA per cluster by more than the seed spread")

@@ -137,6 +137,18 @@ def test_findings_answer_the_conditioning_question_from_the_numbers(tmp_path, co
     assert "0.3000 lower (beyond the seed spread ± 0.0200)" in text  # chameleon vs same-rank lora
 
 
+def test_findings_call_nothing_from_one_seed_each(tmp_path):
+    table = {"base": _row(4.0), "chameleon": _row(3.0, params=40), "chameleon-constant": _row(3.01, params=41),
+             "lora-per-cluster": _row(2.5), "lora-matched": _row(3.02, params=40)}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "results.json").write_text(json.dumps(_results("one", table, params=10)))
+    text = findings_section(result_sets(tmp_path))
+    assert ("With one seed of each row there is no seed spread to judge by yet; ChameleonLLM's validation loss "
+            "differs by -0.0100 vs the constant-input hyper-network, +0.5000 vs one static head LoRA per cluster, "
+            "-0.0200 vs static LoRA with as many parameters.") in text
+    assert "beats" not in text and "0.0100 lower (1 seed each)" in text
+
+
 def _fake_run(config) -> dict:
     result = {"loss": 3.0 + config.seed / 10, "ppl": 20.0}
     return {"config": {"seed": config.seed}, "trainable_parameters": 1, "total_parameters": 2, "train_loss": 3.5,
