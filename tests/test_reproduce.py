@@ -185,6 +185,25 @@ def test_adapter_diversity_is_aggregated_over_seeds(tmp_path, monkeypatch):
     assert "| lora-per-cluster | 2 | 0.550000 ± 0.070711 | - | 0.2500 ± 0.0000 | 2.0000 ± 0.0000 | 2 |" in results_markdown(results)
 
 
+def test_measured_time_gives_the_total_and_what_one_run_costs(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce_module, "train",
+                        lambda config, folder, **_: {**_fake_run(config), "wall_seconds": 600.0 * (config.seed + 1)})
+    results = reproduce_module.reproduce(TrainConfig(), tmp_path, seeds=[0, 1, 2], show_progress=False,
+                                         only={"causal/chameleon"})
+    assert results["protocols"]["causal"]["run_seconds"] == [600.0, 1200.0, 1800.0]
+    assert ("Measured time: 3 runs took 1.0 h of wall time in all (loading, clustering, training and evaluation); "
+            "per run, median 20.0 min, longest 30.0 min.") in results_markdown(results)
+    results["protocols"]["causal"]["run_seconds"] = None  # a run recorded before times were kept: no partial total
+    assert "Measured time" not in results_markdown(results)
+
+
+def test_learning_curves_are_the_same_bytes_for_the_same_runs(tmp_path):
+    curves = {"lora": [{"epoch": 1, "val_loss": 2.5, "step_losses": [3.0, 2.8]}]}
+    for name in ("a.html", "b.html"):
+        reproduce_module._plot_curves(curves, "causal", tmp_path / name)
+    assert (tmp_path / "a.html").read_bytes() == (tmp_path / "b.html").read_bytes()
+
+
 def test_only_refuses_a_row_outside_the_grid_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match="causal/chameleon-randm-batches"):
         reproduce_module.reproduce(TrainConfig(), tmp_path / "out", only={"causal/chameleon-randm-batches"})
