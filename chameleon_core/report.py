@@ -124,10 +124,12 @@ def _verdict(results: dict, table: dict) -> str:
     else:
         won, lost = ("the constant-input hyper-network", "one static head LoRA per cluster")[:: 1 if constant else -1]
         answer = f"ChameleonLLM beats {won} by more than the seed spread, but not {lost}"
-    matched = _beats(table, "lora-matched")
-    tail = "" if matched is None else (
-        "; it beats static LoRA with as many parameters" if matched else
-        "; static LoRA with as many parameters is as good or better")
+    tail = ""
+    if "lora-matched" in table and (gap := difference(table, "chameleon", "lora-matched"))[1] is not None:
+        diff, spread = gap
+        tail = ("; it beats static LoRA with as many parameters by more than the seed spread" if diff < -spread else
+                "; static LoRA with as many parameters beats it by more than the seed spread" if diff > spread else
+                "; it is within the seed spread of static LoRA with as many parameters")
     return f"- **{name}:** {adapted}{answer[0].upper() + answer[1:]}{tail}."
 
 

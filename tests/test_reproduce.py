@@ -130,11 +130,16 @@ def test_findings_answer_the_conditioning_question_from_the_numbers(tmp_path, co
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
     text = findings_section(result_sets(tmp_path))
-    assert words in text and "static LoRA with as many parameters is as good or better" in text
+    assert words in text and "; static LoRA with as many parameters beats it by more than the seed spread." in text
     assert "4 of 5 trained rows score below" not in text and "5 of 5 trained rows score below" in text
     assert text.index("`big`") < text.index("`tiny`")  # the larger model first
     assert "The conditioning question waits for rows that have not run yet" in text  # the small set lacks them
     assert "0.3000 lower (beyond the seed spread ± 0.0200)" in text  # chameleon vs same-rank lora
+    for matched, expected in ((3.005, "; it is within the seed spread of static LoRA with as many parameters."),
+                              (3.1, "; it beats static LoRA with as many parameters by more than the seed spread.")):
+        table["lora-matched"] = _row(matched, 0.01, 3, params=40)
+        (tmp_path / "b-big" / "results.json").write_text(json.dumps(_results("big", table, params=1000)))
+        assert expected in findings_section(result_sets(tmp_path))
 
 
 def test_findings_call_nothing_from_one_seed_each(tmp_path):
