@@ -105,6 +105,8 @@ def _verdict(results: dict, table: dict) -> str:
     name = _name(results)
     trained = [row for row in table if row not in ("base", SHUFFLED)]
     beaten = [row for row in trained if "base" in table and table[row]["val_loss"]["mean"] < table["base"]["val_loss"]["mean"]]
+    if not trained:
+        return f"- **{name}:** only the unadapted model has run so far."
     adapted = f"{len(beaten)} of {len(trained)} trained rows score below the unadapted model. "
     constant, per_cluster = _beats(table, "chameleon-constant"), _beats(table, "lora-per-cluster")
     if any(row not in table for row in ("chameleon", "chameleon-constant", "lora-per-cluster")):

@@ -126,7 +126,8 @@ def test_findings_answer_the_conditioning_question_from_the_numbers(tmp_path, co
              "chameleon-constant": _row(constant, 0.01, 3, params=41), "lora-per-cluster": _row(per_cluster, 0.01, 3),
              "lora-matched": _row(2.9, 0.01, 3, params=40)}
     for name, results in (("a-tiny", _results("tiny", {"base": _row(5.0), "chameleon": _row(4.0)}, params=10)),
-                          ("b-big", _results("big", table, params=1000))):
+                          ("b-big", _results("big", table, params=1000)),
+                          ("c-started", _results("started", {"base": _row(5.0)}, params=10))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
     text = findings_section(result_sets(tmp_path))
@@ -134,6 +135,7 @@ def test_findings_answer_the_conditioning_question_from_the_numbers(tmp_path, co
     assert "4 of 5 trained rows score below" not in text and "5 of 5 trained rows score below" in text
     assert text.index("`big`") < text.index("`tiny`")  # the larger model first
     assert "The conditioning question waits for rows that have not run yet" in text  # the small set lacks them
+    assert "- **`started`, alpaca:** only the unadapted model has run so far." in text
     assert "0.3000 lower (beyond the seed spread ± 0.0200)" in text  # chameleon vs same-rank lora
     for matched, expected in ((3.005, "; it is within the seed spread of static LoRA with as many parameters."),
                               (3.1, "; it beats static LoRA with as many parameters by more than the seed spread.")):
