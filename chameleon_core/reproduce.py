@@ -208,7 +208,7 @@ def results_markdown(results: dict) -> str:
     train_rows = next((b["rows"].get("train") for b in results["protocols"].values()), None)
     sizes = f"{train_rows:,} training rows" if train_rows is not None else "training rows: none finished"
     lines = [
-        f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {setup['epochs']} epochs, batch {setup['batch_size']}, "
+        f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {_count(setup['epochs'], 'epoch')}, batch {setup['batch_size']}, "
         f"rank {setup['rank']}, alpha {setup['alpha']:g} (scale alpha / rank = {setup['alpha'] / setup['rank']:g}), "
         f"lr {setup['lr']}; {sizes} of at most {setup['max_length']} tokens. Mean ± std over seeds where n > 1.",
         "",
@@ -216,7 +216,7 @@ def results_markdown(results: dict) -> str:
     timed = [b["run_seconds"] for b in results["protocols"].values() if b.get("run_seconds") is not None]
     if seconds := sorted(s for block in timed for s in block):
         # the median says what one run costs on a quiet machine; the total includes runs that shared the CPU
-        lines += [f"Measured time: {len(seconds)} runs took {sum(seconds) / 3600:.1f} h of wall time in all "
+        lines += [f"Measured time: {_count(len(seconds), 'run')} took {sum(seconds) / 3600:.1f} h of wall time in all "
                   f"(loading, clustering, training and evaluation); per run, median {statistics.median(seconds) / 60:.1f} "
                   f"min, longest {seconds[-1] / 60:.1f} min.", ""]
     titles = {"paper": "Published protocol (`paper`): last position, no shift, padding scored",
@@ -262,6 +262,10 @@ def diversity_markdown(diversity: dict) -> list[str]:
         cells = [_fmt(row[key], 6 if key.endswith("cosine") else 4) if key in row else "-" for key in DIVERSITY]
         lines.append(f"| {name} | {row['clusters']:,} | {' | '.join(cells)} | {row['mean_norm']['n']} |")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _plot_curves(curves: dict[str, list[dict]], protocol: str, path: Path) -> None:

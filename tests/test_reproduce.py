@@ -200,6 +200,8 @@ def test_measured_time_gives_the_total_and_what_one_run_costs(tmp_path, monkeypa
     assert results["protocols"]["causal"]["run_seconds"] == [600.0, 1200.0, 1800.0]
     assert ("Measured time: 3 runs took 1.0 h of wall time in all (loading, clustering, training and evaluation); "
             "per run, median 20.0 min, longest 30.0 min.") in results_markdown(results)
+    results["protocols"]["causal"]["run_seconds"] = [600.0]
+    assert "Measured time: 1 run took 0.2 h" in results_markdown(results)
     results["protocols"]["causal"]["run_seconds"] = None  # a run recorded before times were kept: no partial total
     assert "Measured time" not in results_markdown(results)
 
