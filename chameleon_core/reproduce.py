@@ -183,11 +183,11 @@ def comparisons(table: dict) -> list[str]:
             continue
         a, b = table[row]["val_loss"], table[reference]["val_loss"]
         diff, spread = difference(table, row, reference)
-        verdict = "lower" if diff < 0 else "higher"
-        if spread is not None and abs(diff) <= spread:
-            verdict = f"within the seed spread of ± {spread:.4f}"
+        said = verdict(diff, spread)
+        if said == "within":
+            said = f"within the seed spread of ± {spread:.4f}"
         params = f"{table[row]['trainable_parameters']:,} vs {table[reference]['trainable_parameters']:,} trainable"
-        lines.append(f"- {question}: val loss {a['mean']:.4f} vs {b['mean']:.4f}, {diff:+.4f} ({verdict}); {params}")
+        lines.append(f"- {question}: val loss {a['mean']:.4f} vs {b['mean']:.4f}, {diff:+.4f} ({said}); {params}")
     return lines
 
 
@@ -195,6 +195,14 @@ def difference(table: dict, row: str, reference: str) -> tuple[float, float | No
     """``row``'s mean validation loss minus ``reference``'s, and the larger seed std of the two (None: one seed each)."""
     a, b = table[row]["val_loss"], table[reference]["val_loss"]
     return a["mean"] - b["mean"], max((stat["std"] for stat in (a, b) if stat["n"] > 1), default=None)
+
+
+def verdict(diff: float, spread: float | None) -> str:
+    """``"within"`` when a loss difference is no larger than the seed spread, else ``"lower"`` or ``"higher"``
+    (with one seed each there is no spread, so only the direction is said)."""
+    if spread is not None and abs(diff) <= spread:
+        return "within"
+    return "lower" if diff < 0 else "higher"
 
 
 def _fmt(stat: dict, digits: int = 4) -> str:

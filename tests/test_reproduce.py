@@ -12,7 +12,7 @@ import pytest
 
 from chameleon_core import reproduce as reproduce_module
 from chameleon_core.report import findings_section, result_sets, write_readme
-from chameleon_core.reproduce import ABLATIONS, HEADLINE, SHUFFLED, comparisons, results_markdown
+from chameleon_core.reproduce import ABLATIONS, HEADLINE, SHUFFLED, comparisons, results_markdown, verdict
 from chameleon_core.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +107,12 @@ def test_comparisons_give_the_sign_and_flag_differences_the_seeds_explain():
     assert "the cluster's centroid vs the batch mean as condition" not in lines  # that row did not run
     # two one-seed rows: no spread to judge by, so the sign is reported as it is
     assert comparisons({"chameleon": _row(3.0), "base": _row(3.001)})[0].endswith("-0.0010 (lower); 10 vs 10 trainable")
+
+
+
+def test_verdict_counts_a_difference_equal_to_the_spread_as_within():
+    assert [verdict(d, 0.03) for d in (-0.031, -0.03, 0.0, 0.03, 0.031)] == ["lower", "within", "within", "within", "higher"]
+    assert [verdict(d, None) for d in (-1e-6, 1e-6)] == ["lower", "higher"]  # one seed each: only the direction
 
 
 def _results(model: str, table: dict, params: int) -> dict:
