@@ -136,7 +136,8 @@ def _verdict(results: dict, table: dict) -> str:
 
 
 def _published(sets: list[tuple[Path, dict]]) -> list[str]:
-    """The published protocol in one line per set: how much of what it scores is padding."""
+    """The published protocol in one line per set: how much of what it scores is padding, and whether the
+    batch's own condition matters there (it can, where it does not under the correct protocol)."""
     lines = []
     for _, results in sets:
         block = results["protocols"].get("paper")
@@ -145,8 +146,9 @@ def _published(sets: list[tuple[Path, dict]]) -> list[str]:
         table, share = block["table"], block["padding_share"][block["eval_split"]]
         losses = ", ".join(f"{row} {table[row]['val_loss']['mean']:.4f}" for row in ("base", "chameleon", "lora-matched")
                            if row in table)
+        shuffled = f"; another cluster's adapter: {judged(table, SHUFFLED, 'chameleon')}" if SHUFFLED in table else ""
         lines.append(f"- Published protocol, {_name(results)}: **{share:.1%} of the scored targets are padding**; "
-                     f"validation loss {losses}.")
+                     f"validation loss {losses}{shuffled}.")
     return lines
 
 

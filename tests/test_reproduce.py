@@ -162,6 +162,18 @@ def test_findings_call_nothing_from_one_seed_each(tmp_path):
     assert "beats" not in text and "0.0100 lower (1 seed each)" in text
 
 
+
+def test_published_protocol_line_gives_the_padding_share_and_the_shuffled_condition(tmp_path):
+    table = {"base": _row(6.0), "chameleon": _row(0.5, 0.01, 3), SHUFFLED: _row(1.0, 0.02, 3), "lora-matched": _row(0.03)}
+    results = _results("big", {}, params=10)
+    results["protocols"]["paper"] = {"table": table, "padding_share": {"test": 0.615}, "eval_split": "test"}
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "results.json").write_text(json.dumps(results))
+    assert ("- Published protocol, `big`, alpaca: **61.5% of the scored targets are padding**; validation loss base "
+            "6.0000, chameleon 0.5000, lora-matched 0.0300; another cluster's adapter: 0.5000 higher (beyond the seed "
+            "spread ± 0.0200).") in findings_section(result_sets(tmp_path))
+
+
 def _fake_run(config) -> dict:
     result = {"loss": 3.0 + config.seed / 10, "ppl": 20.0}
     return {"config": {"seed": config.seed}, "trainable_parameters": 1, "total_parameters": 2, "train_loss": 3.5,
