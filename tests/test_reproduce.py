@@ -109,7 +109,6 @@ def test_comparisons_give_the_sign_and_flag_differences_the_seeds_explain():
     assert comparisons({"chameleon": _row(3.0), "base": _row(3.001)})[0].endswith("-0.0010 (lower); 10 vs 10 trainable")
 
 
-
 def test_verdict_counts_a_difference_equal_to_the_spread_as_within():
     assert [verdict(d, 0.03) for d in (-0.031, -0.03, 0.0, 0.03, 0.031)] == ["lower", "within", "within", "within", "higher"]
     assert [verdict(d, None) for d in (-1e-6, 1e-6)] == ["lower", "higher"]  # one seed each: only the direction
@@ -160,7 +159,6 @@ def test_findings_call_nothing_from_one_seed_each(tmp_path):
             "differs by -0.0100 vs the constant-input hyper-network, +0.5000 vs one static head LoRA per cluster, "
             "-0.0200 vs static LoRA with as many parameters.") in text
     assert "beats" not in text and "0.0100 lower (1 seed each)" in text
-
 
 
 def test_published_protocol_line_gives_the_padding_share_and_the_shuffled_condition(tmp_path):
