@@ -205,6 +205,15 @@ def verdict(diff: float, spread: float | None) -> str:
     return "lower" if diff < 0 else "higher"
 
 
+def judge(table: dict, row: str, reference: str) -> str | None:
+    """:func:`verdict` on two rows of a table; None when either has not run or both ran with one seed, since
+    without a spread a difference cannot be told from what the seeds alone do."""
+    if row not in table or reference not in table:
+        return None
+    diff, spread = difference(table, row, reference)
+    return None if spread is None else verdict(diff, spread)
+
+
 def _fmt(stat: dict, digits: int = 4) -> str:
     text = f"{stat['mean']:,.{digits}f}"
     return text + (f" ± {stat['std']:,.{digits}f}" if stat["n"] > 1 else "")

@@ -12,7 +12,7 @@ import pytest
 
 from chameleon_core import reproduce as reproduce_module
 from chameleon_core.report import findings_section, result_sets, write_readme
-from chameleon_core.reproduce import ABLATIONS, HEADLINE, SHUFFLED, comparisons, results_markdown, verdict
+from chameleon_core.reproduce import ABLATIONS, HEADLINE, SHUFFLED, comparisons, judge, results_markdown, verdict
 from chameleon_core.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +112,9 @@ def test_comparisons_give_the_sign_and_flag_differences_the_seeds_explain():
 def test_verdict_counts_a_difference_equal_to_the_spread_as_within():
     assert [verdict(d, 0.03) for d in (-0.031, -0.03, 0.0, 0.03, 0.031)] == ["lower", "within", "within", "within", "higher"]
     assert [verdict(d, None) for d in (-1e-6, 1e-6)] == ["lower", "higher"]  # one seed each: only the direction
+    table = {"chameleon": _row(3.0, 0.01, 3), "lora": _row(3.02), "lora-head": _row(3.005), "base": _row(4.0)}
+    assert [judge(table, "chameleon", ref) for ref in ("lora", "lora-head", "lora-matched")] == ["lower", "within", None]
+    assert judge(table, "lora", "base") is None  # one seed each: no spread to judge by
 
 
 def _results(model: str, table: dict, params: int) -> dict:
