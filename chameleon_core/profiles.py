@@ -95,17 +95,38 @@ def resolve_profile(name: str | None = None) -> Profile:
 def start_notebook(name: str | None = None, seed: int = 0) -> Profile:
     """Resolve the profile, seed every RNG and silence progress bars and info logs.
 
-    A notebook's outputs then depend on its profile alone, and plotly figures are stored in the
-    notebook in a form JupyterLab draws offline (plus HTML for viewers with internet access).
+    A notebook's outputs then depend on its profile alone.
     """
-    import plotly.io as pio
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    pio.renderers.default = "plotly_mimetype+notebook_connected"
     profile = resolve_profile(name)
     if profile.name == "tiny":  # tiny models are per-op overhead: a second CPU thread only adds synchronisation
         torch.set_num_threads(1)
     seed_everything(seed)
     return profile
+
+
+def set_figure_renderer(width: int = 900) -> None:
+    """Store each plotly figure as itself (JupyterLab draws it, offline) plus a static PNG ``width`` pixels
+    wide for viewers without JavaScript (GitHub, HTML exports).
+
+    kaleido draws the PNG by driving a Chrome or Chromium. Where it would find none, the figures are
+    stored without their PNG and the notebook says so in one line, instead of failing at the first figure.
+    """
+    import plotly.io as pio
+
+    try:
+        from choreographer.browsers import Chromium  # the search kaleido runs: $BROWSER_PATH, $PATH, its download
+    except ImportError:  # no kaleido (it brings choreographer), so no static images either
+        browser = None
+    else:
+        browser = Chromium.find_browser(skip_local=False)
+    if browser is None:
+        pio.renderers.default = "plotly_mimetype"
+        print("Static PNGs skipped: kaleido finds no Chrome or Chromium (apt-get install chromium adds one); "
+              "the figures are interactive only.")
+    else:
+        pio.renderers.default = "plotly_mimetype+png"
+        pio.renderers["png"].width = width

@@ -11,6 +11,7 @@ with a take-away in numbers, and its exercises' checks are the ones its solution
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import re
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from chameleon_core.profiles import resolve_profile
+from chameleon_core.profiles import resolve_profile, set_figure_renderer
 from chameleon_core.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,40 @@ def test_exercises_are_checked_by_the_cells_their_solutions_pass(path):
     assert [cell.source for cell in solved] == [cell.source for cell in checks], "the solutions run the notebook's checks"
     assert all("not answered yet" in "".join(map(_text, cell.outputs)) for cell in checks)
     assert all("correct" in "".join(map(_text, cell.outputs)) for cell in solved)
+
+
+# ---------------------------------------------------------------- figures with or without a browser
+def png_width(figure) -> int:
+    """The width of the static PNG a figure shows with the current renderer (read from the PNG's header)."""
+    png = base64.b64decode(figure._repr_mimebundle_()["image/png"])
+    assert png.startswith(b"\x89PNG")
+    return int.from_bytes(png[16:20], "big")
+
+
+def test_figures_run_without_a_browser_and_say_their_static_image_was_skipped(monkeypatch, capsys):
+    import plotly.graph_objects as go
+    import plotly.io as pio
+    from choreographer.browsers import Chromium
+
+    monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)  # restored afterwards
+    monkeypatch.setattr(Chromium, "find_browser", lambda **search: None)
+    set_figure_renderer()
+    shown = go.Figure(go.Bar(y=[1, 2]))._repr_mimebundle_()
+    assert PLOTLY in shown and "image/png" not in shown
+    assert "Static PNGs skipped" in capsys.readouterr().out
+
+
+def test_figures_carry_a_static_image_where_a_browser_draws_it(monkeypatch, capsys):
+    import plotly.graph_objects as go
+    import plotly.io as pio
+    from choreographer.browsers import Chromium
+
+    if Chromium.find_browser(skip_local=False) is None:
+        pytest.skip("kaleido finds no Chrome or Chromium: the notebooks ran without their static PNGs")
+    monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)
+    monkeypatch.setattr(pio.renderers["png"], "width", pio.renderers["png"].width)
+    set_figure_renderer(width=320)
+    assert png_width(go.Figure(go.Bar(y=[1, 2]))) == 320 and capsys.readouterr().out == ""
 
 
 def test_unknown_profile_is_refused():
