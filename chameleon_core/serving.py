@@ -17,7 +17,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from typing import Self
 
 import numpy as np
 
@@ -112,7 +111,7 @@ class Scheduler:
             self._changed.notify()
         self._worker.join(timeout)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Scheduler:
         return self
 
     def __exit__(self, *exc: object) -> None:
