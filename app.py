@@ -43,6 +43,8 @@ from chameleon_core.inference import (
 from chameleon_core.models import DEFAULT_MODEL, MODEL_HELP, SMOLLM2, SMOLLM2_INSTALL, smollm2_gguf
 from chameleon_core.serving import Scheduler
 
+# Gradio reports usage to its developers by default; this demo runs offline, so only where the user sets it to True.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 BUNDLES = Path(__file__).resolve().parent / "assets" / "bundles"
 COLOURS = qualitative.Alphabet
 ASSIGNMENT_COLUMNS = ["#", "Prompt", "Cluster", "Distance"]
