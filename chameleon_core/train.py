@@ -495,9 +495,9 @@ def evaluate_bundle(
         trained = TrainConfig(**recorded)
     except TypeError as err:  # a setting this version does not know
         raise ValueError(f"bundle {bundle} records training settings this code cannot read: {err}") from None
-    loaded = load_bundle(bundle, device=str(resolve_device(device)))
     config = replace(trained, dataset=dataset or trained.dataset, data_dir=data_dir or trained.data_dir,
-                     protocol=protocol or trained.protocol, max_eval_rows=max_eval_rows)
+                     protocol=protocol or trained.protocol, max_eval_rows=max_eval_rows)  # checked before loading
+    loaded = load_bundle(bundle, device=str(resolve_device(device)))
     if loaded.clusters is None and (reason := _needs_clusters(config, loaded.adapter.regime)):
         raise ValueError(
             f"bundle {bundle} holds no clusters (clusters.safetensors), but evaluating it needs them: {reason}; "
