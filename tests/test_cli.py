@@ -138,6 +138,8 @@ def refuse_models(monkeypatch) -> None:
      (["--lr", "inf"], "lr (--lr) must be a finite number > 0, got inf"),
      (["--lr", "nan"], "lr (--lr) must be a finite number > 0, got nan"),
      (["--seed", "-1"], "seed (--seed) must be an integer from 0 to 2**32 - 1, got -1")],
+    ids=["device", "context-tokens-0", "train-rows-0", "eval-rows-0", "eval-rows-negative", "alpha-nan", "alpha-inf",
+         "alpha-0", "lr-inf", "lr-nan", "seed-negative"],
 )
 def test_train_refuses_a_meaningless_setting_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
     refuse_models(monkeypatch)
