@@ -41,6 +41,7 @@ SIX_DOMAINS = [  # one prompt from each of the synthetic corpus's domains, which
     "Refactor the recursive function and cache the parsed query.",
     "The surgeon prescribed a lower dose for the chronic fever.",
 ]
+ACCENTED = SIX_DOMAINS[0].replace("golden", "doré")  # NFC: é is one code point
 LONG = " ".join(f"zq{i % 7}x" for i in range(400))  # 2,000 characters, over 1,000 tokens for the tiny tokenizer
 
 
@@ -399,12 +400,11 @@ def test_a_lone_surrogate_gets_a_clear_message(served, surrogate):
 
 
 @pytest.mark.parametrize(
-    "variant",
-    [unicodedata.normalize("NFD", SIX_DOMAINS[0].replace("golden", "doré")), SIX_DOMAINS[0].replace(" ", " \u200d\u200b", 3)],
+    "variant, typed",
+    [(unicodedata.normalize("NFD", ACCENTED), ACCENTED), (SIX_DOMAINS[0].replace(" ", " \u200d\u200b", 3), SIX_DOMAINS[0])],
     ids=["nfd", "zero-width"],
 )
-def test_text_that_looks_the_same_gets_the_same_cluster_and_answer(client, variant):
-    typed = SIX_DOMAINS[0].replace("golden", "doré") if "doré" in unicodedata.normalize("NFC", variant) else SIX_DOMAINS[0]
+def test_text_that_looks_the_same_gets_the_same_cluster_and_answer(client, variant, typed):
     assert variant != typed
     assert compare(client, variant)[1:3] == compare(client, typed)[1:3]
 
