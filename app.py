@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import inspect
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from plotly.colors import qualitative
 
 from chameleon_core.bundle import BundleError
 from chameleon_core.data import DATASETS
-from chameleon_core.demo import COMPARED, BundleSet, Comparison, markup_prompts, open_bundle_set
+from chameleon_core.demo import COMPARED, BundleSet, Comparison, client_message, markup_prompts, open_bundle_set
 from chameleon_core.inference import (
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
@@ -124,18 +125,16 @@ class Engine:
         return self._done.wait(timeout)
 
     def status(self) -> str:
-        if self.error:
-            return f"**Could not load the adapters.** {self.error}"
+        if self.error:  # the log has the full message; a client gets no server path
+            sets = Path(self.options["bundle"]).parent if self.options.get("bundle") else self.options.get("root")
+            return f"**Could not load the adapters.** {client_message(self.error, sets)}"
         if self.bundle_set is None:
             return f"**Preparing the adapters: {self.fraction:.0%}** ({self.message}). Compare works once this is done."
         info = self.bundle_set.describe()
-        train = info["train"]
-        size = f"{train['rows']:,} {info['dataset']} rows" if train.get("rows") else info["dataset"]
         ppl = [f"{COMPARED[regime]} {m['eval']['ppl']:.2f}" for regime, m in info["metrics"].items() if "eval" in m]
         return (
-            f"**Ready.** Model `{self.options['model_name']}`. Adapters (`{Path(info['path']).name}`): rank "
-            f"{train.get('rank', '?')}, {train.get('epochs', '?')} epoch(s) on {size}, prompts in "
-            f"{info['prompt_format']}; {info['k']} training clusters; map: "
+            f"**Ready.** Model `{client_message(self.options['model_name'])}`. Adapters (`{Path(info['path']).name}`): "
+            f"{self.bundle_set.training_summary()}, prompts in {info['prompt_format']}; {info['k']} training clusters; map: "
             f"{self.bundle_set.projection.method.upper()} of {info['points']} training inputs."
             + (f" Held-out perplexity: {', '.join(ppl)}." if ppl else "")
             + f"\n\nColumns: **{COMPARED['base']}** is the model as released; **{COMPARED['lora']}** adds one "
@@ -213,6 +212,18 @@ def tables(result: Comparison) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
 
 
 # ---------------------------------------------------------------- the page
+class Page(gr.Blocks):
+    """The page's Blocks. An API call with too few or too many values gets an error naming what the endpoint
+    takes (Gradio's own check raises an error whose message no client sees)."""
+
+    def validate_inputs(self, block_fn, inputs: list) -> None:
+        if len(inputs) != len(block_fn.inputs):
+            names = list(inspect.signature(block_fn.fn).parameters)[: len(block_fn.inputs)]
+            raise gr.Error(f"/{block_fn.api_name} takes {len(names)} values ({', '.join(names)}); got {len(inputs)}.",
+                           print_exception=False)
+        super().validate_inputs(block_fn, inputs)
+
+
 def build_demo(engine: Engine) -> gr.Blocks:
     def compare(prompts: object, clusters: object, k: object, max_new_tokens: object, decoding: object,
                 seed: object, progress: gr.Progress = gr.Progress()):
@@ -261,7 +272,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
     def poll():
         return engine.status(), gr.Timer(active=not engine.wait(0))
 
-    with gr.Blocks(title="ChameleonLLM demo") as demo:
+    with Page(title="ChameleonLLM demo") as demo:
         gr.Markdown(
             "# ChameleonLLM: one adapter per cluster of inputs\n"
             "Your prompts are embedded (the mean of their token embeddings), assigned to the clusters found in "
@@ -273,8 +284,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
             with gr.Column(scale=3):
                 prompts = gr.Textbox(
                     label=f"Prompts (one per line, up to {MAX_PROMPTS}, each up to {MAX_PROMPT_CHARS:,} characters)",
-                    lines=8, max_lines=20, value=next(iter(EXAMPLES.values())), elem_id="prompts",
-                )
+                    lines=8, max_lines=20, elem_id="prompts",
+                )  # no initial value, so API clients must send prompts (the page fills in an example on load)
                 gr.Examples([[text] for text in EXAMPLES.values()], inputs=prompts, example_labels=list(EXAMPLES))
             with gr.Column(scale=2):
                 clusters = gr.Radio(
@@ -305,6 +316,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             [plot, assignments, generations, adapters, status], api_name="compare", preprocess=False,
             show_progress_on=status,  # the tables and the map stay visible, filling in as each model finishes
         )
+        demo.load(lambda: next(iter(EXAMPLES.values())), outputs=prompts, api_visibility="private", show_progress="hidden")
         timer = gr.Timer(1.0)
         timer.tick(poll, outputs=[status, timer], api_visibility="private", show_progress="hidden")
     return demo

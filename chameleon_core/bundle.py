@@ -2,9 +2,15 @@
 
 A bundle folder holds ``config.json`` (base model, its fingerprint, the adapter config,
 training metadata), ``adapter.safetensors`` (trainable tensors only), ``clusters.safetensors``
-(k-means centroids, if any), ``tokenizer/`` and ``checksums.json`` (the SHA-256 of every
-tensor file and of ``config.json``, written last, so a corrupt or half-replaced file is named
-on load instead of silently giving other outputs). Static LoRA also exports to PEFT's format.
+(k-means centroids, if any), ``tokenizer/`` and ``checksums.json`` (the SHA-256 of every file
+the loader reads, ``tokenizer/`` included, written last, so a corrupt, edited or half-replaced
+file is named on load instead of silently giving other outputs). ``README.md`` (a model card) is
+the one named exception: documentation the loader never reads, which a hub may edit. A bundle
+without checksums is refused unless the caller says it accepts that (``allow_unverified``).
+Loading also checks the settings themselves: every number in range, consistent with the
+tensors' shapes and with the training record the bundle carries (``metadata.train``), so an
+edited config is refused even when its checksums were rewritten. Static LoRA also exports to
+PEFT's format.
 """
 
 from __future__ import annotations
@@ -29,9 +35,15 @@ from .regimes import AdapterConfig, adapter_state, apply_regime
 
 FORMAT, VERSION = "chameleon-bundle", 1
 CHECKSUMS = "checksums.json"
-# Every file the manifest covers, in the order they are written (the tokenizer is the base model's).
+# The files the manifest covers, in the order they are written, besides every file under TOKENIZER.
 CHECKED_FILES = ("adapter.safetensors", "clusters.safetensors", "points.safetensors", "points.json", "config.json")
+TOKENIZER = "tokenizer"
 REQUIRED_KEYS = ("base_model", "base_fingerprint", "adapter")
+# Adapter settings the training record (metadata.train) holds too: a config.json whose adapter says
+# otherwise was edited after training, and the tensors only mean what they do at the trained values.
+TRAINED_SETTINGS = ("regime", "rank", "alpha", "init", "targets", "hyper_hidden", "hyper_dropout", "conditioning")
+# metadata.embedding: how the conditioning embedding was made (embeddings.embed_texts' settings).
+EMBEDDING_SETTINGS = {"max_length": int, "mask_padding": bool, "pad_to_max_length": bool}
 
 
 class BundleError(ValueError):
@@ -113,7 +125,7 @@ def write_checksums(path: str | Path) -> Path:
     """
     path = Path(path)
     read_bundle_config(path, verify=False)  # only a bundle gets a manifest
-    files = {name: _sha256((path / name).read_bytes()) for name in CHECKED_FILES if (path / name).is_file()}
+    files = {name: _sha256((path / name).read_bytes()) for name in _stored_files(path)}
     manifest = {"algorithm": "sha256", "files": files}
     _atomic(path / CHECKSUMS, lambda p: p.write_text(json.dumps(manifest, indent=2)))
     return path / CHECKSUMS
@@ -121,6 +133,18 @@ def write_checksums(path: str | Path) -> Path:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _stored_files(path: Path) -> list[str]:
+    """The files of the bundle at ``path`` that the loader reads, as manifest names (``tokenizer/...``)."""
+    tokenizer = sorted(f.relative_to(path).as_posix() for f in (path / TOKENIZER).rglob("*") if f.is_file())
+    return [name for name in CHECKED_FILES if (path / name).is_file()] + tokenizer
+
+
+def _covered(name: object) -> bool:
+    """Whether a manifest entry names a file the manifest may cover (never a path outside the bundle)."""
+    return isinstance(name, str) and (name in CHECKED_FILES or (
+        name.startswith(f"{TOKENIZER}/") and ".." not in name.split("/") and "\\" not in name))
 
 
 def _read_checksums(path: Path) -> dict[str, str] | None:
@@ -133,6 +157,8 @@ def _read_checksums(path: Path) -> dict[str, str] | None:
         files = manifest["files"]
         if manifest.get("algorithm") != "sha256" or not all(isinstance(v, str) for v in files.values()):
             raise ValueError("unsupported layout")
+        if outside := [name for name in files if not _covered(name)]:
+            raise ValueError(f"it lists {outside[0]!r}, which is no file of a bundle")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise BundleError(
             f"{CHECKSUMS} in bundle {path} is corrupt ({err}); rewrite it with "
@@ -194,36 +220,42 @@ def _load_tensors(file: Path, checksums: dict[str, str] | None) -> dict[str, tor
     return tensors
 
 
-def load_bundle(path: str | Path, model: PreTrainedModel | None = None, device: str = "cpu") -> Bundle:
+def load_bundle(
+    path: str | Path, model: PreTrainedModel | None = None, device: str = "cpu", allow_unverified: bool = False
+) -> Bundle:
     """Rebuild the adapted model. ``model`` (optional) must be the base the bundle was trained on.
 
-    Every file is checked against ``checksums.json``; a bundle without one (saved before
-    checksums existed) still loads, with a warning that says how to add them.
+    Every file the loader reads is checked against ``checksums.json`` and every setting against
+    its range, the tensors' shapes and the training record. A bundle without checksums (saved
+    before they existed, or with the manifest deleted) is refused: nothing could tell an edited
+    file from the trained one. ``allow_unverified=True`` loads it anyway, with a warning.
     """
     path = Path(path)
     config = read_bundle_config(path)
     checksums = _read_checksums(path)
     if checksums is None:
-        warnings.warn(
-            f"bundle {path} predates checksums (no {CHECKSUMS}), so corrupt files cannot be detected; add them with "
-            f"chameleon_core.bundle.write_checksums({str(path)!r})",
-            stacklevel=2,
-        )
+        fix = f"chameleon_core.bundle.write_checksums({str(path)!r})"
+        if not allow_unverified:
+            raise BundleError(
+                f"bundle {path} has no {CHECKSUMS}, so an edited or corrupt file cannot be detected; if its files are "
+                f"known to be good, add one with {fix} (or load it with allow_unverified=True)"
+            )
+        warnings.warn(f"bundle {path} has no {CHECKSUMS}, so corrupt files cannot be detected; add them with {fix}",
+                      stacklevel=2)
     elif missing := [name for name in checksums if not (path / name).is_file()]:
         raise BundleError(f"bundle {path} is missing {', '.join(missing)} (listed in its {CHECKSUMS})")
     try:
         adapter = AdapterConfig.from_dict(config["adapter"])
     except ValueError as err:
         raise BundleError(f"config.json in bundle {path}: {err}") from None
+    metadata = config.get("metadata", {})
+    _check_metadata(path, metadata, adapter)
     tensors = _load_tensors(path / "adapter.safetensors", checksums)
     if model is None:
         model, _ = load_model(config["base_model"], device=device)
     if (found := model_fingerprint(model)) != config["base_fingerprint"]:
         raise BundleError(_mismatch_message(path, config, model.name_or_path, found))
-    # A bundle may leave its tokenizer out when the base model carries it (a shared bundle then
-    # redistributes nothing of the base model's files).
-    tokenizer_dir = path / "tokenizer"
-    tokenizer = load_tokenizer(str(tokenizer_dir) if tokenizer_dir.is_dir() else config["base_model"])
+    tokenizer = _load_bundle_tokenizer(path, config["base_model"], model, checksums)
     apply_regime(model, adapter)
     expected = adapter_state(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -237,9 +269,17 @@ def load_bundle(path: str | Path, model: PreTrainedModel | None = None, device: 
             raise BundleError(f"tensor {name} in bundle {path} has shape {tuple(tensor.shape)}, model expects {tuple(expected[name].shape)}")
     # A half-precision bundle is restored to the model's own dtype.
     model.load_state_dict({name: t.to(expected[name].dtype) for name, t in tensors.items()}, strict=False)
+    dim = model.get_input_embeddings().embedding_dim
     clusters = None
     if (path / "clusters.safetensors").exists():
-        clusters = Clusters(_load_tensors(path / "clusters.safetensors", checksums)["centroids"].float())
+        centroids = _load_tensors(path / "clusters.safetensors", checksums).get("centroids")
+        if centroids is None or centroids.dim() != 2 or centroids.shape[1] != dim or not len(centroids):
+            raise BundleError(f"clusters.safetensors in bundle {path} must hold centroids of shape (k, {dim}), got "
+                              f"{None if centroids is None else tuple(centroids.shape)}")
+        if adapter.clusters and len(centroids) != adapter.clusters:
+            raise BundleError(f"clusters.safetensors in bundle {path} holds {len(centroids)} centroids, but its adapter "
+                              f"was trained on {adapter.clusters} clusters (config.json adapter.clusters)")
+        clusters = Clusters(centroids.float())
     points = None
     if (path / "points.safetensors").exists():
         tensors = _load_tensors(path / "points.safetensors", checksums)
@@ -250,7 +290,73 @@ def load_bundle(path: str | Path, model: PreTrainedModel | None = None, device: 
             raise BundleError(f"points.json in bundle {path} is missing or corrupt: {err}") from None
         _verify(path, "points.json", data, checksums)
         points = Points(tensors["embeddings"].float(), tensors["labels"], texts)
-    return Bundle(model.eval(), tokenizer, adapter, config["base_model"], clusters, config.get("metadata", {}), points)
+    return Bundle(model.eval(), tokenizer, adapter, config["base_model"], clusters, metadata, points)
+
+
+def _check_metadata(path: Path, metadata: object, adapter: AdapterConfig) -> None:
+    """Raise a :class:`BundleError` naming the field when the training metadata is unusable or
+    contradicts the adapter config (an edit the checksums cannot see once they are rewritten)."""
+    where = f"config.json in bundle {path}"
+    if not isinstance(metadata, dict):
+        raise BundleError(f"{where}: metadata must be a JSON object, got {json.dumps(metadata)[:60]}")
+    embedding = metadata.get("embedding", {})
+    if not isinstance(embedding, dict) or any(
+        key not in EMBEDDING_SETTINGS or type(value) is not EMBEDDING_SETTINGS[key] for key, value in embedding.items()
+    ) or embedding.get("max_length", 1) < 1:
+        allowed = ", ".join(f"{key} ({kind.__name__})" for key, kind in EMBEDDING_SETTINGS.items())
+        raise BundleError(f"{where}: metadata.embedding must be an object of {allowed}, max_length >= 1; got {embedding!r}")
+    template = metadata.get("prompt_template", "{prompt}")
+    try:
+        usable = isinstance(template, str) and "{prompt}" in template and template.format(prompt="") is not None
+    except (KeyError, IndexError, ValueError):
+        usable = False
+    if not usable:
+        raise BundleError(f"{where}: metadata.prompt_template must be text holding {{prompt}} and no other "
+                          f"{{field}}; got {template!r}")
+    recorded = metadata.get("train")
+    if not isinstance(recorded, dict):
+        return  # a bundle saved outside `train` records no training run to compare with
+    for key in TRAINED_SETTINGS:
+        if key not in recorded or (key == "targets" and not recorded[key]):  # targets []: the architecture's own
+            continue
+        value = tuple(recorded[key]) if isinstance(recorded[key], list) else recorded[key]
+        if value != getattr(adapter, key):
+            raise BundleError(
+                f"{where}: adapter {key} is {getattr(adapter, key)!r}, but the bundle was trained with {value!r} "
+                f"(metadata.train.{key}); the config was edited after training, and the adapter's tensors only mean "
+                "what they do at the trained setting"
+            )
+
+
+def _load_bundle_tokenizer(path: Path, base_model: str, model: PreTrainedModel, checksums: dict[str, str] | None):
+    """The bundle's own tokenizer, checked file by file, or the base model's when the bundle leaves it out
+    (a shared bundle then redistributes nothing of the base model's files)."""
+    folder = path / TOKENIZER
+    if not folder.is_dir():
+        return load_tokenizer(base_model)
+    for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+        _verify(path, file.relative_to(path).as_posix(), file.read_bytes(), checksums)
+    try:
+        tokenizer = load_tokenizer(str(folder))
+    except Exception as err:  # noqa: BLE001 (tokenizers raises bare Exceptions for a malformed file)
+        broken = next((f.name for f in sorted(folder.glob("*.json")) if not _parses(f)), None)
+        raise BundleError(f"{TOKENIZER}/{broken or ''} in bundle {path} cannot be loaded: "
+                          f"{str(err).splitlines()[0][:160]}") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise BundleError(
+            f"{TOKENIZER}/ in bundle {path} has {len(tokenizer):,} tokens, but the base model embeds only {rows:,}: it is "
+            f"another model's tokenizer; restore the bundle's own, or remove {TOKENIZER}/ to use the base model's"
+        )
+    return tokenizer
+
+
+def _parses(file: Path) -> bool:
+    try:
+        json.loads(file.read_bytes())
+    except ValueError:
+        return False
+    return True
 
 
 def _mismatch_message(path: Path, config: dict, name: str, found: str) -> str:
@@ -284,7 +390,8 @@ def share_bundle(path: str | Path, out: str | Path, model: PreTrainedModel | Non
     points = bundle.points and Points(bundle.points.embeddings, bundle.points.labels, [""] * len(bundle.points.texts))
     save_bundle(out, bundle.model, bundle.tokenizer, bundle.adapter, bundle.clusters, bundle.metadata,
                 bundle.base_model, points, half=True)
-    shutil.rmtree(out / "tokenizer")
+    shutil.rmtree(out / TOKENIZER)
+    write_checksums(out)  # the manifest no longer lists the tokenizer's files
     return out
 
 

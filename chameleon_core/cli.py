@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .bench import SECTIONS, BenchSettings, format_report, merge_runs, run_bench
-from .bundle import load_bundle, read_bundle_config, share_bundle
+from .bundle import BundleError, load_bundle, read_bundle_config, share_bundle
 from .demo import open_bundle_set
 from .inference import (
     CLUSTERS, MAX_NEW_TOKENS, MAX_PROMPTS, assign, check_settings, embed_prompts, fit_prompts, generate,
@@ -132,7 +132,10 @@ def _report(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> dict:
     """A single bundle answers alone; a bundle set (lora/ + chameleon/) compares all three models."""
-    text = Path(args.prompts_file).read_text(encoding="utf-8") if args.prompts_file else "\n".join(args.prompt or [])
+    try:
+        text = Path(args.prompts_file).read_text(encoding="utf-8") if args.prompts_file else "\n".join(args.prompt or [])
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--prompts-file {args.prompts_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     prompts = validate_prompts(text)
     clusters, k, max_new_tokens, seed, do_sample = check_settings(
         args.clusters, args.k, args.max_new_tokens, args.seed, "sample" if args.sample else "greedy"
@@ -151,6 +154,10 @@ def _generate(args: argparse.Namespace) -> dict:
             {"prompt": p, "cluster": int(assignment.labels[i]), "distance": float(assignment.distances[i]), "generation": texts[i]}
             for i, p in enumerate(prompts)]}
     else:
+        if not (path / "lora").is_dir() and not (path / "chameleon").is_dir():
+            state = "it holds no config.json" if path.is_dir() else "the folder does not exist"
+            raise BundleError(f"--bundle {path} is neither a bundle nor a bundle set ({state}; a bundle holds "
+                              "config.json, a bundle set a lora/ and a chameleon/ bundle)")
         model_name = args.model or read_bundle_config(path / "chameleon")["base_model"]
         bundle_set = open_bundle_set(model_name, path, build=False)
         comparison = bundle_set.compare(prompts, clusters, k, max_new_tokens, do_sample, seed)

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 DATASETS = ("wikitext", "alpaca", "synthetic")
 ALPACA_HUB_IDS = ("yahma/alpaca-cleaned", "tatsu-lab/alpaca")
 RESPONSE_MARKER = "### Response:\n"
+# Invisible characters that make text which looks the same tokenize differently: zero-width space,
+# non-joiner and joiner, word joiner, byte-order mark.
+ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
+def normalize_text(text: str) -> str:
+    """Text as every model here reads it, in training and at inference alike: Unicode NFC, zero-width
+    characters removed. The same-looking text (composed or decomposed accents, a pasted zero-width
+    joiner) then lands in the same cluster and gets the same answer."""
+    return unicodedata.normalize("NFC", text).translate(ZERO_WIDTH)
 
 
 @dataclass(frozen=True)
@@ -31,7 +42,7 @@ class Record:
 # ---------------------------------------------------------------- WikiText-2
 def _wikitext_rows(lines: list[str]) -> list[Record]:
     """Keep non-blank rows, as the hub's ``len(text.strip()) > 0`` filter does."""
-    return [Record("", line, line) for line in lines if line.strip()]
+    return [Record("", text, text) for text in map(normalize_text, lines) if text.strip()]
 
 
 def load_wikitext(data_dir: str | Path | None = None, seed: int = 0) -> dict[str, list[Record]]:
@@ -59,14 +70,14 @@ def load_wikitext(data_dir: str | Path | None = None, seed: int = 0) -> dict[str
 # ---------------------------------------------------------------- Alpaca
 def alpaca_record(instruction: str, input: str, output: str) -> Record:
     """The published template; the condition is the instruction (+ input), never the answer."""
-    instruction, input = instruction.strip(), input.strip()
+    instruction, input, output = (normalize_text(text).strip() for text in (instruction, input, output))
     if input:
         prompt = f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n{RESPONSE_MARKER}"
         condition = f"{instruction}\n{input}"
     else:
         prompt = f"### Instruction:\n{instruction}\n\n{RESPONSE_MARKER}"
         condition = instruction
-    return Record(prompt, output.strip(), condition)
+    return Record(prompt, output, condition)
 
 
 def load_alpaca(

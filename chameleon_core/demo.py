@@ -52,6 +52,14 @@ MIN_UMAP_POINTS = 30  # fewer training points than this are projected with PCA
 # train in about half an hour on 2 CPU cores with SmolLM2 (rows of up to 128 tokens, 63 steps).
 DEMO_SETTINGS = {"epochs": 1, "max_train_rows": 1000, "max_eval_rows": 200, "max_length": 128, "batch_size": 16,
                  "lr": 1e-3}
+# What the two bundles of a set must share for their columns to answer one question (the base model is
+# checked by its weights' fingerprint): label -> where config.json's metadata records it.
+SHARED_SETTINGS = {"dataset": "dataset", "protocol": "protocol", "prompt format": "prompt_template",
+                   "data source": "train.data_dir", "data split seed": "train.data_seed",
+                   "held-out rows": "train.max_eval_rows"}
+TRAINING_SETTINGS = ("rank", "epochs", "lr", "batch_size", "max_length")  # may differ per column; shown per column
+# An absolute path (the server's layout) in a message a client sees: kept to its last two parts.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^/\s'\"`]+/)*([^/\s'\"`]+/[^/\s'\"`]+)")
 _MARKUP = re.compile(r"<[A-Za-z!/?][^<>]*>|&(?:[A-Za-z]+|#\d+|#x[0-9A-Fa-f]+);")
 
 Progress = Callable[[float, str], None]
@@ -136,12 +144,38 @@ def _cached_projection(file: Path) -> Projection | None:
 # ---------------------------------------------------------------- bundle sets
 def check_bundle_set(path: Path, fingerprint: str) -> None:
     """Raise a :class:`BundleError` saying why ``path`` is not a lora/ + chameleon/ set for this model
-    (missing, corrupt, or trained on other weights)."""
+    (missing, corrupt, trained on other weights, or the two trained on different data)."""
+    configs = {}
     for name in ("lora", "chameleon"):
-        config = read_bundle_config(path / name)  # names a missing, corrupt or changed file itself
+        config = configs[name] = read_bundle_config(path / name)  # names a missing, corrupt or changed file itself
         if config["base_fingerprint"] != fingerprint:
             raise BundleError(f"{path / name} was trained on other base weights ({config['base_model']!r}, fingerprint "
                               f"{config['base_fingerprint']}; this model's is {fingerprint})")
+    for label, where in SHARED_SETTINGS.items():
+        lora, chameleon = (_recorded(configs[name], where) for name in ("lora", "chameleon"))
+        if lora != chameleon:
+            raise BundleError(
+                f"{path} mixes bundles trained on different data: its {label} (metadata.{where}) is {lora!r} for lora/ "
+                f"and {chameleon!r} for chameleon/; a set compares two adapters trained on the same data, split and "
+                "prompt format, so retrain one of them"
+            )
+
+
+def _recorded(config: dict, where: str) -> object:
+    """The value at ``where`` (dotted) in a bundle config's metadata, None when it is not recorded."""
+    value = config.get("metadata")
+    for key in where.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def client_message(message: str, sets: str | Path | None = None) -> str:
+    """``message`` as a client may see it: the folder holding the bundle sets is left out (a bundle is
+    named by its set-relative name, ``trunc/chameleon``) and any other absolute path is cut to its last
+    two parts, so no client learns the server's layout. The server's log keeps the full message."""
+    if sets is not None:
+        message = message.replace(f"{str(sets).rstrip('/')}/", "")
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 def find_bundle_set(root: str | Path, model: PreTrainedModel) -> Path | None:
@@ -241,6 +275,7 @@ class BundleSet:
     def load(cls, path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> BundleSet:
         """Each bundle gets its own copy of ``model``; ``model`` itself stays the unadapted base."""
         path = Path(path)
+        check_bundle_set(path, model_fingerprint(model))
         lora, chameleon = (load_bundle(path / name, copy.deepcopy(model)) for name in ("lora", "chameleon"))
         return cls(path, model, tokenizer, lora, chameleon)
 
@@ -261,14 +296,22 @@ class BundleSet:
             return self.projection.transform(embeddings)
 
     def describe(self) -> dict:
-        """What the set was trained on, for a status line."""
+        """What the set was trained on, for a status line: the data the two share, the training settings of each."""
         meta = self.chameleon.metadata
-        train = meta.get("train", {})
+        bundles = {"lora": self.lora, "chameleon": self.chameleon}
         return {"path": str(self.path), "base_model": self.chameleon.base_model, "dataset": meta.get("dataset", "?"),
-                "train": {"rows": meta.get("rows", {}).get("train", train.get("max_train_rows")), **{key: train.get(key) for key in ("rank", "epochs", "lr", "batch_size", "max_length")}},
+                "train": {regime: _training(bundle) for regime, bundle in bundles.items()},
                 "prompt_format": "the Alpaca template" if "### Instruction" in self.template else "plain text",
                 "k": self.clusters.k, "points": len(self.points.texts),
-                "metrics": {regime: bundle.metadata.get("metrics", {}) for regime, bundle in (("lora", self.lora), ("chameleon", self.chameleon))}}
+                "metrics": {regime: bundle.metadata.get("metrics", {}) for regime, bundle in bundles.items()}}
+
+    def training_summary(self) -> str:
+        """How the adapters were trained, in words: once when both columns share the settings, else per column."""
+        info = self.describe()
+        texts = {regime: _trained_text(train, info["dataset"]) for regime, train in info["train"].items()}
+        if texts["lora"] == texts["chameleon"]:
+            return texts["chameleon"]
+        return "; ".join(f"{COMPARED[regime]}: {text}" for regime, text in texts.items())
 
     def compare(
         self, prompts: list[str], clusters: str = "trained", k: int = 3, max_new_tokens: int = 32,
@@ -348,6 +391,21 @@ class BundleSet:
                          [text for f in fitted for text in f.texts], [n for f in fitted for n in f.lengths],
                          [f.max_new_tokens for f in fitted for _ in f.texts], seeds, embeddings, torch.cat(groups),
                          torch.cat(conditions))
+
+
+def _training(bundle: Bundle) -> dict:
+    """A bundle's training rows and :data:`TRAINING_SETTINGS` (None where not recorded)."""
+    meta = bundle.metadata
+    train = meta.get("train", {})
+    return {"rows": meta.get("rows", {}).get("train", train.get("max_train_rows")), **{key: train.get(key) for key in TRAINING_SETTINGS}}
+
+
+def _trained_text(train: dict, dataset: str) -> str:
+    """``rank 4, 1 epoch(s) on 999 alpaca rows of up to 128 tokens``."""
+    rows = f"{train['rows']:,} {dataset} rows" if train.get("rows") else dataset
+    length = f" of up to {train['max_length']} tokens" if train.get("max_length") else ""
+    rank, epochs = ("?" if train.get(key) is None else train[key] for key in ("rank", "epochs"))
+    return f"rank {rank}, {epochs} epoch(s) on {rows}{length}"
 
 
 class Request(NamedTuple):

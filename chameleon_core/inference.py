@@ -25,6 +25,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from .bundle import Bundle, BundleError
 from .clustering import fit_clusters
+from .data import normalize_text
 from .embeddings import embed_texts
 from .hyper_head import conditioned, hyper_head
 
@@ -50,20 +51,26 @@ class InputError(ValueError):
 
 
 def validate_prompts(text: object) -> list[str]:
-    """One prompt per line, stripped, blank lines dropped; an :class:`InputError` says what is wrong."""
+    """One prompt per line, normalised as training read its texts (:func:`~.data.normalize_text`: NFC, no
+    zero-width characters), stripped, blank lines dropped; an :class:`InputError` says what is wrong."""
     if text is not None and not isinstance(text, str):
         raise InputError(f"Prompts must be text, one prompt per line; got {type(text).__name__} {reprlib.repr(text)}.")
-    if not text or not text.strip():
-        raise InputError("Enter at least one prompt (one per line); the input is empty.")
-    lines = re.split(r"\r\n|\r|\n", text)
-    for number, line in enumerate((line for line in lines if line.strip()), start=1):
-        bad = next((c for c in line if c != "\t" and unicodedata.category(c) == "Cc"), None)
+    lines = [line for line in re.split(r"\r\n|\r|\n", text or "") if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        bad = next((c for c in line if c != "\t" and unicodedata.category(c) in ("Cc", "Cs")), None)
+        if bad is not None and unicodedata.category(bad) == "Cs":
+            raise InputError(
+                f"Prompt {number} contains U+{ord(bad):04X}, half of a UTF-16 surrogate pair, which is no character on "
+                "its own; send the text as valid Unicode (the pair complete, or UTF-8)."
+            )
         if bad is not None:
             raise InputError(
                 f"Prompt {number} contains the control character U+{ord(bad):04X}; remove it "
                 "(only tabs and line breaks are allowed)."
             )
-    prompts = [line.strip() for line in lines if line.strip()]
+    prompts = [prompt for prompt in (normalize_text(line).strip() for line in lines) if prompt]
+    if not prompts:
+        raise InputError("Enter at least one prompt (one per line); the input is empty.")
     if len(prompts) > MAX_PROMPTS:
         raise InputError(f"{len(prompts)} prompts given; at most {MAX_PROMPTS} fit in one batch (one per line).")
     for number, prompt in enumerate(prompts, start=1):

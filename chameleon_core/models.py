@@ -51,8 +51,23 @@ class ModelError(ValueError):
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: the accelerator when there is one. A device named explicitly must exist here: asking
+    for a GPU and silently getting the CPU would be a wrong answer to the question asked."""
     if device != "auto":
-        return torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError):
+            resolved = None
+        if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA GPU that torch can use "
+                             "(torch.cuda.is_available() is False); use cpu, or auto to take an accelerator when there is one")
+        if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} was asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        if resolved.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r} was asked for, but Apple's MPS backend is not available here; use cpu or auto")
+        return resolved
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -22,6 +23,10 @@ from .lora import (
     LORA_INITS, LoRALayer, default_targets, features, inject_head_lora, inject_lora, output_head_name, set_module, target_modules,
 )
 
+# The largest LoRA scale alpha / r accepted. Alpha 0 makes an adapter that can never act; past this
+# scale the update swamps the base weights (published LoRA scales are 0.25 to 16), and near float32's
+# range it overflows.
+MAX_SCALE = 1000.0
 REGIMES = ("base", "lora-head", "lora", "chameleon", "lora-matched", "chameleon-constant", "lora-per-cluster")
 
 
@@ -56,6 +61,11 @@ class AdapterConfig:
                              f"{self.hyper_hidden} and {self.hyper_dropout}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not (math.isfinite(self.alpha) and 0 < self.alpha <= MAX_SCALE * self.rank):
+            raise ValueError(f"alpha must be a finite number > 0 with scale alpha / rank at most {MAX_SCALE:g} "
+                             f"(at rank {self.rank}: 0 < alpha <= {MAX_SCALE * self.rank:g}), got {self.alpha}")
+        if self.matched_rank < 0 or self.clusters < 0:
+            raise ValueError(f"matched_rank and clusters must be >= 0, got {self.matched_rank} and {self.clusters}")
 
     @property
     def lora_rank(self) -> int:

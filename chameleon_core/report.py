@@ -38,8 +38,26 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 def result_sets(root: Path) -> list[tuple[Path, dict]]:
     """Every ``results.json`` under ``root`` with its folder: the larger model first, then by dataset."""
-    found = [(path.parent, json.loads(path.read_text())) for path in root.glob("**/results.json") if "runs" not in path.parts]
+    found = [(path.parent, _results(path)) for path in root.glob("**/results.json") if "runs" not in path.parts]
     return sorted(found, key=lambda item: (-item[1].get("model_parameters", 0), item[1]["setup"]["dataset"]))
+
+
+def _results(path: Path) -> dict:
+    """One ``results.json`` as ``reproduce`` writes it, or a ValueError naming the file and what it lacks."""
+    results = _json(path)
+    setup = results.get("setup") if isinstance(results, dict) else None
+    if not isinstance(setup, dict) or not {"model", "dataset"} <= set(setup) or not isinstance(results.get("protocols"), dict):
+        raise ValueError(f"{path} is not a results file written by `python -m chameleon_core reproduce`: it needs "
+                         "\"setup\" (with model and dataset) and \"protocols\"; README.md was not changed")
+    return results
+
+
+def _json(path: Path):
+    """A JSON file's content, or a ValueError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({err}); README.md was not changed") from None
 
 
 def _name(results: dict) -> str:
@@ -149,8 +167,12 @@ def demo_sets_section(bundles: Path) -> str:
         "| Set | Base model | Data | Training | Clusters | Held-out loss: static LoRA / ChameleonLLM | On disk |",
         "|---|---|---|---|---:|---|---:|",
     ]
-    for folder in sorted(path.parent.parent for path in bundles.glob("*/chameleon/config.json")):
-        configs = {name: json.loads((folder / name / "config.json").read_text()) for name in ("lora", "chameleon")}
+    folders = sorted(path.parent.parent for path in bundles.glob("*/chameleon/config.json"))
+    if not folders:  # an empty table would delete the committed sets' rows
+        raise FileNotFoundError(f"no bundle set (*/chameleon/config.json) under {bundles}; pass --bundles with the "
+                                "committed demo sets (default assets/bundles); README.md was not changed")
+    for folder in folders:
+        configs = {name: _json(folder / name / "config.json") for name in ("lora", "chameleon")}
         meta = configs["chameleon"]["metadata"]
         train, rows = meta["train"], meta.get("rows", {}).get("train", meta["train"].get("max_train_rows"))
         with safe_open(folder / "chameleon" / "clusters.safetensors", "pt") as f:
@@ -168,7 +190,10 @@ def demo_sets_section(bundles: Path) -> str:
 
 def write_readme(readme: Path, root: Path, bundles: Path = Path("assets/bundles")) -> None:
     """Rewrite the ``findings`` and ``results`` blocks from the result sets under ``root``, ``bench`` from
-    bench.json and ``demo-sets`` from the bundle sets under ``bundles``."""
+    bench.json and ``demo-sets`` from the bundle sets under ``bundles``.
+
+    Every block is made before anything is written, and the README is replaced in one step, so a
+    missing or unreadable input leaves it as it was."""
     sets = result_sets(root)
     if not sets:
         raise FileNotFoundError(f"no results.json under {root}; run `python -m chameleon_core reproduce` first")
@@ -176,6 +201,8 @@ def write_readme(readme: Path, root: Path, bundles: Path = Path("assets/bundles"
     text = replace_block(text, "results", results_section(root, sets))
     bench = root / "bench.json"
     if bench.is_file():
-        text = replace_block(text, "bench", bench_markdown(json.loads(bench.read_text())))
+        text = replace_block(text, "bench", bench_markdown(_json(bench)))
     text = replace_block(text, "demo-sets", demo_sets_section(bundles))
-    readme.write_text(text)
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(readme)

@@ -36,6 +36,11 @@ from .regimes import AdapterConfig, adapter_state, apply_regime, trainable_param
 
 SAMPLERS = ("cluster", "random")
 POINTS_IN_BUNDLE = 2000
+MAX_SEED = 2**32 - 1  # NumPy takes 32-bit seeds
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: the run stops there instead of saving adapters that are noise."""
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,22 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose from {SAMPLERS}")
         object.__setattr__(self, "targets", tuple(self.targets))  # lists from JSON or a command line
         object.__setattr__(self, "hyper_hidden", tuple(self.hyper_hidden))
+        limits = (  # (field, whether its value is usable, what is allowed)
+            ("epochs", self.epochs >= 0, "an integer >= 0"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("max_length", self.max_length >= 2, "an integer >= 2"),
+            ("context_tokens", self.context_tokens >= 1, "an integer >= 1"),
+            ("k", self.k is None or self.k >= 1, "an integer >= 1, or unset (rows // batch size)"),
+            ("max_train_rows", self.max_train_rows is None or self.max_train_rows >= 1, "an integer >= 1, or unset (all)"),
+            ("max_eval_rows", self.max_eval_rows is None or self.max_eval_rows >= 1, "an integer >= 1, or unset (all)"),
+            ("seed", 0 <= self.seed <= MAX_SEED, "an integer from 0 to 2**32 - 1"),
+            ("data_seed", 0 <= self.data_seed <= MAX_SEED, "an integer from 0 to 2**32 - 1"),
+        )
+        for name, usable, allowed in limits:
+            if not usable:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {allowed}, got {getattr(self, name)!r}")
         self.adapter  # a ValueError naming a bad adapter setting
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("epochs must be >= 0 and batch_size >= 1")
 
     @property
     def adapter(self) -> AdapterConfig:
@@ -237,6 +255,7 @@ def train(
     """
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    device = resolve_device(config.device)  # a device asked for and missing is refused before any work
     out = _run_folder(out)
     if not resume and not overwrite and (held := _held_run(out)):
         raise ValueError(
@@ -253,7 +272,7 @@ def train(
         return done
     report = progress or (lambda fraction, message: None)
     began = time.time()
-    accelerator = Accelerator(cpu=resolve_device(config.device).type == "cpu")
+    accelerator = Accelerator(cpu=device.type == "cpu")
     report(0.0, f"loading {config.model}")
     if base is None:
         model, tokenizer = load_model(config.model, device=str(accelerator.device))
@@ -291,10 +310,17 @@ def train(
             with _conditioned(core, train_split, idx, config, clusters):
                 loss_sum, n = protocol.loss_terms(protocol.forward_logits(model, batch), batch["labels"])
                 loss = loss_sum / n.clamp(min=1)
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    raise TrainingDiverged(
+                        f"training stopped at epoch {epoch + 1}, step {step + 1}: the loss became {losses[-1]} "
+                        f"(lr {config.lr:g}, alpha {config.alpha:g}); nothing was saved as finished"
+                        + (f" ({checkpoint.name} holds the last finished epoch)" if checkpoint.is_file() else "")
+                        + ". Lower --lr or --alpha and start over with --overwrite"
+                    )
                 accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             report(0.1 + 0.85 * (epoch + (step + 1) / len(epoch_batches)) / epochs, f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.3f}")
         val = evaluate(core, val_split, config, clusters, pad_id)
@@ -469,9 +495,9 @@ def evaluate_bundle(
         trained = TrainConfig(**recorded)
     except TypeError as err:  # a setting this version does not know
         raise ValueError(f"bundle {bundle} records training settings this code cannot read: {err}") from None
-    loaded = load_bundle(bundle, device=str(resolve_device(device)))
     config = replace(trained, dataset=dataset or trained.dataset, data_dir=data_dir or trained.data_dir,
-                     protocol=protocol or trained.protocol, max_eval_rows=max_eval_rows)
+                     protocol=protocol or trained.protocol, max_eval_rows=max_eval_rows)  # checked before loading
+    loaded = load_bundle(bundle, device=str(resolve_device(device)))
     if loaded.clusters is None and (reason := _needs_clusters(config, loaded.adapter.regime)):
         raise ValueError(
             f"bundle {bundle} holds no clusters (clusters.safetensors), but evaluating it needs them: {reason}; "

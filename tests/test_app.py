@@ -7,9 +7,11 @@ import json
 import re
 import socket
 import sys
+import unicodedata
 from pathlib import Path
 
 import gradio as gr
+import httpx
 import pytest
 import torch
 from gradio_client import Client
@@ -18,6 +20,7 @@ from gradio_client.exceptions import AppError
 from chameleon_core import AdapterConfig, Points, apply_regime, embed_texts, fit_clusters, load_model, load_synthetic, save_bundle
 from chameleon_core.hyper_head import hyper_head
 from chameleon_core import demo, inference
+from chameleon_core.bundle import BundleError
 from chameleon_core.demo import find_bundle_set
 from chameleon_core.inference import MAX_REQUEST_TOKENS, adapter_summary, embed_prompts, generate_rows
 from chameleon_core.lora import lora_layers
@@ -38,14 +41,16 @@ SIX_DOMAINS = [  # one prompt from each of the synthetic corpus's domains, which
     "Refactor the recursive function and cache the parsed query.",
     "The surgeon prescribed a lower dose for the chronic fever.",
 ]
+ACCENTED = SIX_DOMAINS[0].replace("golden", "doré")  # NFC: é is one code point
 LONG = " ".join(f"zq{i % 7}x" for i in range(400))  # 2,000 characters, over 1,000 tokens for the tiny tokenizer
 
 
-def make_bundle_set(out: Path) -> Path:
+def make_bundle_set(out: Path, extra: dict[str, dict] | None = None) -> Path:
     """A lora/ + chameleon/ set on random:tiny-gpt2 with synthetic-corpus clusters and points.
 
     The adapters are random rather than trained (fast), and large enough that each cluster's
-    generated head update changes what the model writes.
+    generated head update changes what the model writes. ``extra[regime]``: metadata added to that
+    bundle's (the rank of a ``train`` record is the adapter's).
     """
     model, tokenizer = load_model(MODEL)
     texts = [record.condition for record in load_synthetic()["train"][:300]]
@@ -54,13 +59,14 @@ def make_bundle_set(out: Path) -> Path:
     torch.manual_seed(0)
     for regime in ("lora", "chameleon"):
         adapted = copy.deepcopy(model)
-        config = apply_regime(adapted, AdapterConfig(regime=regime)).config
+        more = (extra or {}).get(regime, {})
+        config = apply_regime(adapted, AdapterConfig(regime=regime, rank=more.get("train", {}).get("rank", 4))).config
         with torch.no_grad():
             for layer in lora_layers(adapted).values():
                 layer.lora_B.normal_(std=0.05)
             if (head := hyper_head(adapted)) is not None:
                 head.hyper.net[-1].weight.normal_(std=0.5)
-        metadata = {"dataset": "synthetic", "embedding": {"max_length": 32}}
+        metadata = {"dataset": "synthetic", "embedding": {"max_length": 32}, **more}
         save_bundle(out / regime, adapted, tokenizer, config, clusters, metadata, MODEL, Points(embeddings, labels, texts))
     return out
 
@@ -86,6 +92,14 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(served) -> Client:
     return Client(served[1], verbose=False)
+
+
+def call_raw(url: str, data: list) -> str:
+    """/compare called over plain HTTP with ``data`` as given (JSON with escapes, so lone surrogates pass): the
+    event stream's text."""
+    post = httpx.post(f"{url.rstrip('/')}/gradio_api/call/compare", content=json.dumps({"data": data}),
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    return httpx.get(f"{url.rstrip('/')}/gradio_api/call/compare/{post.json()['event_id']}", timeout=60).text
 
 
 def compare(client: Client, prompts: str, clusters="trained", k=3, max_new_tokens=8, decoding="greedy", seed=0):
@@ -362,3 +376,72 @@ def test_an_unreadable_projection_cache_is_refitted(tmp_path, monkeypatch):
     again = demo.fit_projection(points, cache_dir=tmp_path)
     assert again.method == first.method == "pca"
     assert torch.allclose(torch.as_tensor(again.coords), torch.as_tensor(first.coords))
+
+
+@pytest.mark.parametrize("values", [0, 1, 5, 7])
+def test_a_wrong_number_of_values_says_what_compare_takes(served, values):
+    stream = call_raw(served[1], ["hello", "trained", 3, 8, "greedy", 0, "extra"][:values])
+    assert "event: error" in stream
+    assert f"/compare takes 6 values (prompts, clusters, k, max_new_tokens, decoding, seed); got {values}." in stream
+
+
+def test_the_api_requires_prompts_and_defaults_the_settings_to_the_pages(client):
+    with pytest.raises(TypeError, match="prompts"):
+        client.predict(api_name="/compare")
+    left_out = client.predict("hello", api_name="/compare")
+    assert left_out[2] == client.predict("hello", "trained", 3, 32, "greedy", 0, api_name="/compare")[2]
+
+
+@pytest.mark.parametrize("surrogate", ["\ud800", "\udfff"])
+def test_a_lone_surrogate_gets_a_clear_message(served, surrogate):
+    stream = call_raw(served[1], [f"Why is the sky blue?{surrogate}", "trained", 3, 8, "greedy", 0])
+    assert "event: error" in stream
+    assert f"Prompt 1 contains U+{ord(surrogate):04X}, half of a UTF-16 surrogate pair" in stream
+
+
+@pytest.mark.parametrize(
+    "variant, typed",
+    [(unicodedata.normalize("NFD", ACCENTED), ACCENTED), (SIX_DOMAINS[0].replace(" ", " \u200d\u200b", 3), SIX_DOMAINS[0])],
+    ids=["nfd", "zero-width"],
+)
+def test_text_that_looks_the_same_gets_the_same_cluster_and_answer(client, variant, typed):
+    assert variant != typed
+    assert compare(client, variant)[1:3] == compare(client, typed)[1:3]
+
+
+@pytest.mark.parametrize(
+    "field, extra",
+    [("dataset", {"lora": {"dataset": "wikitext"}}),  # lora/ on WikiText beside chameleon/ on the synthetic corpus
+     ("dataset", {"chameleon": {"dataset": "alpaca"}}),  # and the reverse
+     ("prompt format", {"chameleon": {"prompt_template": "### Instruction:\n{prompt}\n\n### Response:\n"}}),
+     ("data split seed", {"lora": {"train": {"data_seed": 1}}, "chameleon": {"train": {"data_seed": 0}}}),
+     ("held-out rows", {"lora": {"train": {"max_eval_rows": 100}}, "chameleon": {"train": {"max_eval_rows": 200}}})],
+    ids=["lora-other-data", "chameleon-other-data", "prompt-format", "split", "held-out-rows"],
+)
+def test_a_set_of_bundles_trained_on_different_data_is_refused(tmp_path, field, extra):
+    path = make_bundle_set(tmp_path / "mixed", extra)
+    with pytest.raises(BundleError, match=f"mixes bundles trained on different data: its {field} "):
+        demo.open_bundle_set(MODEL, path, build=False)
+
+
+def test_training_settings_that_differ_are_shown_per_column(tmp_path):
+    train = {"lora": {"rank": 8, "epochs": 2, "max_length": 64}, "chameleon": {"rank": 4, "epochs": 1, "max_length": 32}}
+    path = make_bundle_set(tmp_path / "set", {regime: {"train": settings, "rows": {"train": 300 if regime == "lora" else 200}}
+                                              for regime, settings in train.items()})
+    engine = app.Engine.serving(demo.open_bundle_set(MODEL, path, build=False))
+    assert ("Static LoRA: rank 8, 2 epoch(s) on 300 synthetic rows of up to 64 tokens; ChameleonLLM: rank 4, "
+            "1 epoch(s) on 200 synthetic rows of up to 32 tokens, prompts in plain text") in engine.status()
+    engine.close()
+
+
+def test_a_corrupt_set_is_named_to_clients_without_the_servers_path(tmp_path):
+    path = make_bundle_set(tmp_path / "appsets" / "trunc")
+    adapter = path / "chameleon" / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    engine = app.Engine(model_name=MODEL, bundle=str(path.resolve())).start()
+    assert engine.wait(60) and engine.error is not None and str(tmp_path) in engine.error  # the log's message
+    with pytest.raises(gr.Error) as raised:
+        engine.ready()
+    for message in (engine.status(), str(raised.value)):
+        assert "adapter.safetensors in bundle trunc/chameleon is corrupt or truncated" in message
+        assert str(tmp_path) not in message and "/tmp" not in message and "/pytest-" not in message

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from chameleon_core import (
 from chameleon_core.bundle import Points, read_bundle_config, share_bundle, write_checksums
 
 ROOT = Path(__file__).resolve().parents[1]
-METADATA = {"dataset": "synthetic", "steps": 3, "losses": [2.5, 2.25]}
+# With the training record ``train`` writes (metadata.train), here the settings the ``saved`` bundle was made with.
+METADATA = {"dataset": "synthetic", "steps": 3, "losses": [2.5, 2.25],
+            "train": {"regime": "chameleon", "rank": 4, "alpha": 4.0, "targets": []}}
 
 
 def trained(model, regime: str) -> AdapterConfig:
@@ -41,6 +44,15 @@ def conditioned_logits(model, batch: BatchEncoding, clusters: Clusters | None = 
         context = conditioned(model, embeddings, "centroid", clusters.assign(embeddings)[0], clusters.centroids)
     with torch.no_grad(), context:
         return model(**batch).logits
+
+
+def edit_config(path: Path, change) -> None:
+    """``change(config)`` applied to the bundle's config.json, its checksums rewritten: an edit made on purpose,
+    which only the settings' own checks can catch."""
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    write_checksums(path)
 
 
 @dataclass
@@ -138,10 +150,8 @@ def test_corrupt_config_is_reported(saved, base, content, message):
 
 
 def test_adapter_of_another_regime_is_reported(saved, base):
-    config = json.loads((saved.path / "config.json").read_text())
-    config["adapter"]["regime"] = "lora"
-    (saved.path / "config.json").write_text(json.dumps(config))
-    write_checksums(saved.path)  # changed on purpose: without this, the checksum refuses it first
+    # changed on purpose (the training record too): without rewritten checksums, the checksum refuses it first
+    edit_config(saved.path, lambda config: (config["adapter"].update(regime="lora"), config["metadata"].pop("train")))
     with pytest.raises(BundleError, match="does not fit regime 'lora': missing \\['lm_head.lora_A'"):
         load_bundle(saved.path, base)
 
@@ -191,10 +201,13 @@ def test_a_file_listed_in_the_checksums_but_gone_is_named(saved, base):
         load_bundle(saved.path, base)
 
 
-def test_bundle_without_checksums_loads_with_a_warning_until_they_are_written(saved, base):
+def test_bundle_without_checksums_is_refused_unless_allowed_until_they_are_written(saved, base):
     (saved.path / "checksums.json").unlink()
-    with pytest.warns(UserWarning, match="predates checksums .*write_checksums") as caught:
-        loaded = load_bundle(saved.path, base)
+    with pytest.raises(BundleError, match="has no checksums.json, so an edited or corrupt file cannot be detected.*"
+                                          "write_checksums.*allow_unverified=True"):
+        load_bundle(saved.path, base)
+    with pytest.warns(UserWarning, match="has no checksums.json.*write_checksums") as caught:
+        loaded = load_bundle(saved.path, base, allow_unverified=True)
     assert len([w for w in caught if "checksums" in str(w.message)]) == 1
     assert torch.equal(conditioned_logits(loaded.model, saved.batch, loaded.clusters), saved.logits)
     write_checksums(saved.path)
@@ -202,6 +215,94 @@ def test_bundle_without_checksums_loads_with_a_warning_until_they_are_written(sa
         warnings.simplefilter("always")
         load_bundle(saved.path, load_model("random:tiny-gpt2")[0])
     assert not [w for w in caught if "checksums" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "alpha, message",
+    [
+        (8.0, "adapter alpha is 8.0, but the bundle was trained with 4.0 \\(metadata.train.alpha\\)"),
+        (0, "alpha must be a finite number > 0 .* got 0.0"),
+        (-4, "alpha must be a finite number > 0 .* got -4.0"),
+        (float("nan"), "alpha must be a finite number > 0 .* got nan"),
+        (1e308, "alpha must be a finite number > 0 with scale alpha / rank at most 1000 .* got 1e\\+308"),
+    ],
+    ids=["other-than-trained", "zero", "negative", "nan", "overflow"],
+)
+def test_an_edited_alpha_is_refused_even_with_rewritten_checksums(saved, base, alpha, message):
+    edit_config(saved.path, lambda config: config["adapter"].update(alpha=alpha))
+    with pytest.raises(BundleError, match=f"config.json in bundle .*: {message}"):
+        load_bundle(saved.path, base)
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ([1, 2], "metadata must be a JSON object"),
+        ({"embedding": {"max_length": "32"}}, "metadata.embedding must be an object of max_length \\(int\\)"),
+        ({"embedding": {"max_length": 0}}, "metadata.embedding must be .*, max_length >= 1; got"),
+        ({"prompt_template": "### {instruction}"}, "metadata.prompt_template must be text holding {prompt}"),
+    ],
+    ids=["not-an-object", "embedding-type", "embedding-range", "template"],
+)
+def test_unusable_metadata_is_named(saved, base, metadata, message):
+    edit_config(saved.path, lambda config: config.update(metadata=metadata))
+    with pytest.raises(BundleError, match=f"config.json in bundle .*: {message}"):
+        load_bundle(saved.path, base)
+
+
+def test_clusters_that_contradict_the_adapter_are_refused(saved, base):
+    edit_config(saved.path, lambda config: config["adapter"].update(clusters=3))  # the bundle holds 2 centroids
+    with pytest.raises(BundleError, match="holds 2 centroids, but its adapter was trained on 3 clusters"):
+        load_bundle(saved.path, base)
+
+
+def permute_vocabulary(file: Path) -> None:
+    """Swap the ids of the tokenizer's first two vocabulary entries: a valid tokenizer that reads text differently."""
+    data = json.loads(file.read_text())
+    vocab = data["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    file.write_text(json.dumps(data))
+
+
+def test_the_tokenizer_is_covered_by_the_checksums(saved, base):
+    assert "tokenizer/tokenizer.json" in json.loads((saved.path / "checksums.json").read_text())["files"]
+    permute_vocabulary(saved.path / "tokenizer" / "tokenizer.json")
+    with pytest.raises(BundleError, match="tokenizer/tokenizer.json in bundle .* does not match its recorded checksum"):
+        load_bundle(saved.path, base)
+
+
+def test_a_file_added_to_the_tokenizer_is_refused(saved, base):
+    (saved.path / "tokenizer" / "added_tokens.json").write_text('{"<new>": 5}')
+    with pytest.raises(BundleError, match="tokenizer/added_tokens.json in bundle .* is not listed in checksums.json"):
+        load_bundle(saved.path, base)
+
+
+def test_the_model_card_is_documentation_no_checksum_covers(saved, base):
+    (saved.path / "README.md").write_text("# A bundle\n")
+    load_bundle(saved.path, base)
+    (saved.path / "README.md").write_text("# A bundle, its card edited on the hub\n")
+    loaded = load_bundle(saved.path, load_model("random:tiny-gpt2")[0])
+    assert torch.equal(conditioned_logits(loaded.model, saved.batch, loaded.clusters), saved.logits)
+    assert "README.md" not in json.loads((write_checksums(saved.path)).read_text())["files"]
+
+
+def test_another_models_tokenizer_is_refused(saved, base):
+    tokenizer = load_model("random:tiny-gpt2")[1]
+    tokenizer.add_tokens([f"<word{i}>" for i in range(1000)])  # a larger vocabulary than the model embeds
+    shutil.rmtree(saved.path / "tokenizer")
+    tokenizer.save_pretrained(saved.path / "tokenizer")
+    write_checksums(saved.path)
+    with pytest.raises(BundleError, match="tokenizer/ in bundle .* has 1,837 tokens, but the base model embeds only "
+                                          "837: it is another model's tokenizer"):
+        load_bundle(saved.path, base)
+
+
+def test_a_corrupt_tokenizer_file_is_named(saved, base):
+    (saved.path / "tokenizer" / "tokenizer.json").write_text('{"model": ')
+    write_checksums(saved.path)
+    with pytest.raises(BundleError, match="tokenizer/tokenizer.json in bundle .* cannot be loaded"):
+        load_bundle(saved.path, base)
 
 
 def test_resaving_without_clusters_removes_the_old_ones(saved):
@@ -250,10 +351,8 @@ def test_same_name_with_other_weights_is_explained(saved):
 
 
 def test_smollm2_mismatch_names_the_hub_and_gguf_difference(saved, base):
-    config = json.loads((saved.path / "config.json").read_text())
-    config.update(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", base_fingerprint="0" * 24)
-    (saved.path / "config.json").write_text(json.dumps(config))
-    write_checksums(saved.path)
+    edit_config(saved.path, lambda config: config.update(base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                         base_fingerprint="0" * 24))
     with pytest.raises(BundleError, match="the hub weights and the dequantized GGUF weights differ") as err:
         load_bundle(saved.path, base)
     assert "same name" not in str(err.value)
@@ -269,10 +368,7 @@ def test_smollm2_mismatch_names_the_hub_and_gguf_difference(saved, base):
     ids=["wrong-type", "unknown-key", "not-a-list"],
 )
 def test_invalid_adapter_config_is_named(saved, base, change, message):
-    config = json.loads((saved.path / "config.json").read_text())
-    config["adapter"].update(change)
-    (saved.path / "config.json").write_text(json.dumps(config))
-    write_checksums(saved.path)
+    edit_config(saved.path, lambda config: config["adapter"].update(change))
     with pytest.raises(BundleError, match=f"config.json in bundle .*: {message}"):
         load_bundle(saved.path, base)
 

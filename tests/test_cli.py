@@ -13,6 +13,8 @@ from chameleon_core.cli import _train_config, build_parser, main
 from chameleon_core.models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_bundle import edit_config  # noqa: E402
 
 
 def test_params_at_gpt2_small_shape_in_a_subprocess():
@@ -99,16 +101,106 @@ def test_evaluate_a_static_bundle_without_clusters_under_the_causal_protocol(tmp
     assert json.loads(capsys.readouterr().out)["rows"] == 16
 
 
-def test_a_bundle_with_a_mistyped_rank_is_one_error_line(tmp_path, capsys):
-    from chameleon_core.bundle import write_checksums
-
+@pytest.mark.parametrize(
+    "change, message",
+    [({"rank": "eight"}, "adapter config field 'rank' must be an integer, got 'eight'"),
+     ({"alpha": 1e308}, "alpha must be a finite number > 0 with scale alpha / rank at most 1000 (at rank 4: 0 < alpha "
+                        "<= 4000), got 1e+308")],
+    ids=["mistyped-rank", "overflowing-alpha"],
+)
+def test_a_bundle_with_an_unusable_setting_is_one_error_line(tmp_path, capsys, change, message):
     path = saved_bundle(tmp_path / "b")
-    config = json.loads((path / "config.json").read_text())
-    config["adapter"]["rank"] = "eight"
-    (path / "config.json").write_text(json.dumps(config))
-    write_checksums(path)
-    line = one_error_line(capsys, ["evaluate", "--bundle", str(path), "--device", "cpu"])
-    assert "adapter config field 'rank' must be an integer, got 'eight'" in line
+    edit_config(path, lambda config: config["adapter"].update(change))
+    for command in (["evaluate", "--device", "cpu"], ["generate", "--prompt", "hi"]):
+        assert message in one_error_line(capsys, [*command, "--bundle", str(path)])
+
+
+def refuse_models(monkeypatch) -> None:
+    """Fail on any model loading: a refusal must come before any work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    for module in ("train", "bundle"):
+        monkeypatch.setattr(f"chameleon_core.{module}.load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--device", "bogus"], "unknown device 'bogus'; choose auto, cpu, cuda, cuda:N or mps"),
+     (["--context-tokens", "0"], "context_tokens (--context-tokens) must be an integer >= 1, got 0"),
+     (["--max-train-rows", "0"], "max_train_rows (--max-train-rows) must be an integer >= 1, or unset (all), got 0"),
+     (["--max-eval-rows", "0"], "max_eval_rows (--max-eval-rows) must be an integer >= 1, or unset (all), got 0"),
+     (["--max-eval-rows", "-5"], "max_eval_rows (--max-eval-rows) must be an integer >= 1, or unset (all), got -5"),
+     (["--alpha", "nan"], "alpha must be a finite number > 0 with scale alpha / rank at most 1000"),
+     (["--alpha", "inf"], "alpha must be a finite number > 0 with scale alpha / rank at most 1000"),
+     (["--alpha", "0"], "alpha must be a finite number > 0 with scale alpha / rank at most 1000"),
+     (["--lr", "inf"], "lr (--lr) must be a finite number > 0, got inf"),
+     (["--lr", "nan"], "lr (--lr) must be a finite number > 0, got nan"),
+     (["--seed", "-1"], "seed (--seed) must be an integer from 0 to 2**32 - 1, got -1")],
+    ids=["device", "context-tokens-0", "train-rows-0", "eval-rows-0", "eval-rows-negative", "alpha-nan", "alpha-inf",
+         "alpha-0", "lr-inf", "lr-nan", "seed-negative"],
+)
+def test_train_refuses_a_meaningless_setting_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
+    refuse_models(monkeypatch)
+    line = one_error_line(capsys, ["train", "--model", "random:tiny-gpt2", "--out", str(tmp_path / "run"), *flags])
+    assert message in line and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_gpu_asked_for_and_missing_is_refused(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a machine without a GPU
+    refuse_models(monkeypatch)
+    argv = {"train": ["train", "--model", "random:tiny-gpt2", "--out", str(tmp_path / "run")],
+            "evaluate": ["evaluate", "--bundle", str(saved_bundle(tmp_path / "b"))]}[command]
+    line = one_error_line(capsys, [*argv, "--device", "cuda"])
+    assert "device 'cuda' was asked for, but this machine has no CUDA GPU that torch can use" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rows", ["0", "-5"])
+def test_evaluate_refuses_a_meaningless_row_count(tmp_path, capsys, monkeypatch, rows):
+    path = saved_bundle(tmp_path / "b")
+    refuse_models(monkeypatch)
+    line = one_error_line(capsys, ["evaluate", "--bundle", str(path), "--device", "cpu", "--max-eval-rows", rows])
+    assert f"max_eval_rows (--max-eval-rows) must be an integer >= 1, or unset (all), got {rows}" in line
+
+
+@pytest.mark.parametrize("state", ["no-config", "no-folder"])
+def test_generate_on_a_folder_that_is_no_bundle_says_what_one_holds(tmp_path, capsys, state):
+    path = saved_bundle(tmp_path / "b")
+    if state == "no-config":
+        (path / "config.json").unlink()
+    line = one_error_line(capsys, ["generate", "--prompt", "hi", "--bundle", str(path if state == "no-config" else tmp_path / "x")])
+    reason = "it holds no config.json" if state == "no-config" else "the folder does not exist"
+    assert f"is neither a bundle nor a bundle set ({reason}; a bundle holds config.json, a bundle set a lora/ and" in line
+
+
+def readme_copy(folder: Path) -> Path:
+    """A copy of the README, with its generated blocks, to run ``report`` on."""
+    copy = folder / "README.md"
+    copy.write_text((ROOT / "README.md").read_text())
+    return copy
+
+
+@pytest.mark.parametrize("bundles", ["missing", "empty"])
+def test_report_without_bundle_sets_refuses_and_keeps_the_readme(tmp_path, capsys, bundles):
+    readme, folder = readme_copy(tmp_path), tmp_path / "bundles"
+    if bundles == "empty":
+        folder.mkdir()
+    line = one_error_line(capsys, ["report", str(ROOT / "assets" / "results"), "--readme", str(readme), "--bundles", str(folder)])
+    assert f"no bundle set (*/chameleon/config.json) under {folder}" in line and "README.md was not changed" in line
+    assert readme.read_text() == (ROOT / "README.md").read_text()
+    assert not list(tmp_path.glob("README.md.*"))  # no temporary file left behind
+
+
+def test_report_on_results_without_setup_names_the_file_and_keeps_the_readme(tmp_path, capsys):
+    readme, results = readme_copy(tmp_path), tmp_path / "results" / "run" / "results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"protocols": {}}))
+    line = one_error_line(capsys, ["report", str(tmp_path / "results"), "--readme", str(readme)])
+    assert f"{results} is not a results file written by `python -m chameleon_core reproduce`: it needs \"setup\"" in line
+    assert readme.read_text() == (ROOT / "README.md").read_text()
 
 
 def test_alpaca_file_of_numbers_is_one_error_line(tmp_path, capsys):
@@ -178,13 +270,8 @@ def test_share_bundle_writes_a_half_precision_copy_and_refuses_an_existing_folde
 
 
 def test_a_bundle_naming_an_unreachable_hub_model_is_one_error_line(tmp_path, capsys, offline):
-    from chameleon_core.bundle import write_checksums
-
     path = saved_bundle(tmp_path / "b")
-    config = json.loads((path / "config.json").read_text())
-    config["base_model"] = "someone/not-on-this-machine"
-    (path / "config.json").write_text(json.dumps(config))
-    write_checksums(path)
+    edit_config(path, lambda config: config.update(base_model="someone/not-on-this-machine"))
     line = one_error_line(capsys, ["evaluate", "--bundle", str(path), "--device", "cpu"])
     assert "could not load model 'someone/not-on-this-machine'" in line and "hub could not provide it" in line
 

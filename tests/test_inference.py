@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
 import torch
 
 from chameleon_core.cli import main
+from chameleon_core.data import alpaca_record
 from chameleon_core.inference import (
     MAX_REQUEST_TOKENS,
     SAMPLE_TOP_K,
@@ -21,6 +23,7 @@ from chameleon_core.inference import (
     generate,
     generate_rows,
     row_seeds,
+    validate_prompts,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,3 +146,16 @@ def test_the_generate_command_refuses_a_negative_seed_in_one_line(tmp_path):
 def test_the_generate_command_gives_the_apps_messages(tmp_path, capsys, flags, message):
     assert main(["generate", "--bundle", str(tmp_path), "--prompt", "hi", *flags]) == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
+
+
+def test_prompts_are_read_as_training_read_its_texts():
+    """NFC, zero-width characters removed: on the page, through the API, in `generate` and in training alike."""
+    typed = "Why is the café's sky blue?"
+    variants = [unicodedata.normalize("NFD", typed), typed.replace(" ", "\u200b ").replace("W", "\ufeffW\u200d"),
+                typed.replace("y", "y\u2060\u200c")]
+    assert all(variant != typed for variant in variants)
+    assert validate_prompts("\n".join(variants)) == [typed] * 3
+    record = alpaca_record(variants[0], "", variants[1])
+    assert record.condition == typed and record.response == typed
+    with pytest.raises(InputError, match="the input is empty"):
+        validate_prompts("\u200b\n\u200d \ufeff")

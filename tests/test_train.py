@@ -12,7 +12,7 @@ from chameleon_core.bundle import load_bundle
 from chameleon_core.models import load_model
 from chameleon_core.cli import main
 from chameleon_core.protocols import PROTOCOLS, CausalProtocol
-from chameleon_core.train import TrainConfig, batches, prepare, train
+from chameleon_core.train import TrainConfig, TrainingDiverged, batches, prepare, train
 
 TINY = dict(model="random:tiny-gpt2", dataset="synthetic", max_length=96, max_train_rows=192, max_eval_rows=48, batch_size=16)
 
@@ -202,3 +202,12 @@ def test_a_demo_set_is_built_from_the_loaded_base_model_which_stays_unadapted(tm
     assert {p.name for p in built.iterdir()} >= {"lora", "chameleon"}
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[name], value) for name, value in before.items())
+
+
+def test_a_loss_that_becomes_non_finite_stops_the_run_instead_of_finishing_it(tmp_path):
+    """A finite but absurd learning rate blows the adapters up within a few steps: the run must not be marked complete."""
+    config = TrainConfig(**TINY, regime="lora", epochs=1, lr=1e30)
+    with pytest.raises(TrainingDiverged, match=r"training stopped at epoch 1, step \d+: the loss became (nan|inf) "
+                                               r"\(lr 1e\+30, alpha 4\); nothing was saved as finished"):
+        train(config, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "config.json").exists()
