@@ -33,6 +33,10 @@ class Busy(InputError):
     """The server cannot take the request now (its queue is full, or it is closing): try again later."""
 
 
+class Stopped(InputError):
+    """The request was stopped (:meth:`Scheduler.stop`) before any model ran it."""
+
+
 class Job:
     """One submitted request: its comparison after each stage (:meth:`updates`), then its result."""
 
@@ -40,6 +44,7 @@ class Job:
         self.request = request
         self.arrived = time.monotonic()
         self.future: Future[Comparison] = Future()
+        self.stopped = False  # set by Scheduler.stop: its rows end at the next decoding step
         self._stages: queue.SimpleQueue[Comparison | None] = queue.SimpleQueue()
 
     def publish(self, comparison: Comparison) -> None:
@@ -52,10 +57,17 @@ class Job:
             self.future.set_result(result)
         self._stages.put(None)
 
-    def updates(self, timeout: float | None = None) -> Iterator[Comparison]:
-        """The comparison once assigned, after each model and complete (a page fills in as they come);
-        the request's error, if it failed, is raised at the end. Read by one consumer."""
+    def updates(self, timeout: float | None = None, latest: bool = False) -> Iterator[Comparison]:
+        """The comparison once assigned, as its answers grow token by token, after each model and
+        complete (a page fills in as they come); the request's error, if it failed, is raised at the
+        end. ``latest`` skips the stages that queued while the consumer was busy (each holds all the
+        earlier ones), so a slow page never falls behind the models. Read by one consumer."""
         while (comparison := self._stages.get(timeout=timeout)) is not None:
+            while latest and not self._stages.empty():
+                if (newer := self._stages.get()) is None:
+                    self._stages.put(None)  # the end: yield the last comparison, then stop
+                    break
+                comparison = newer
             yield comparison
         self.future.result()
 
@@ -105,6 +117,16 @@ class Scheduler:
         """:meth:`~.demo.BundleSet.compare` through the queue: the same answer, merged with whatever else arrives."""
         return self.submit(prompts, clusters, k, max_new_tokens, do_sample, seed).result()
 
+    def stop(self, job: Job) -> None:
+        """End ``job`` now: a waiting job fails with :class:`Stopped`; a running one keeps what its models
+        have written, its rows end at the next decoding step (the rest of its batch goes on) and its
+        comparison completes as ``stopped``. A finished job is left as it is."""
+        with self._changed:
+            job.stopped = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.finish(Stopped("Stopped before the models started on this request."))
+
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests: the running batch finishes, waiting ones fail with :class:`Busy`, the worker ends."""
         with self._changed:
@@ -123,7 +145,8 @@ class Scheduler:
             self.batch_sizes[len(batch)] += 1
             try:
                 results = self.bundle_set.compare_batch([job.request for job in batch],
-                                                        lambda i, comparison: batch[i].publish(comparison))
+                                                        lambda i, comparison: batch[i].publish(comparison),
+                                                        lambda i: batch[i].stopped)
             except Exception as err:  # noqa: BLE001 (a bug: each waiting caller gets it, and the worker goes on)
                 results = [err] * len(batch)
             for job, result in zip(batch, results):
