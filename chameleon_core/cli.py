@@ -17,10 +17,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .bench import SECTIONS, BenchSettings, format_report, merge_runs, run_bench
-from .bundle import load_bundle, read_bundle_config, share_bundle
+from .bundle import export_bundle_peft, load_bundle, read_bundle_config, share_bundle
 from .demo import open_bundle_set
 from .inference import (
-    CLUSTERS, MAX_NEW_TOKENS, MAX_PROMPTS, assign, check_settings, embed_prompts, fit_prompts, generate,
+    CLUSTERS, MAX_NEW_TOKENS, MAX_PROMPTS, answer_stops, assign, check_settings, embed_prompts, fit_prompts, generate,
     validate_prompts,
 )
 from .data import DATASETS
@@ -146,7 +146,8 @@ def _generate(args: argparse.Namespace) -> dict:
         embeddings = embed_prompts(bundle, fitted.conditions)
         assignment = assign(bundle, embeddings, clusters, k, seed)
         texts = generate(bundle.model, bundle.tokenizer, fitted.texts, embeddings, assignment.labels,
-                         assignment.centroids, max_new_tokens, do_sample, seed, bundle.adapter.conditioning)
+                         assignment.centroids, max_new_tokens, do_sample, seed, bundle.adapter.conditioning,
+                         answer_stops(template))
         result = {"bundle": str(path), "regime": bundle.adapter.regime, "clusters": clusters, "prompts": [
             {"prompt": p, "cluster": int(assignment.labels[i]), "distance": float(assignment.distances[i]), "generation": texts[i]}
             for i, p in enumerate(prompts)]}
@@ -163,6 +164,13 @@ def _generate(args: argparse.Namespace) -> dict:
 def _share_bundle(args: argparse.Namespace) -> dict:
     out = share_bundle(args.bundle, args.out)
     return {"bundle": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
+
+
+def _export_peft(args: argparse.Namespace) -> dict:
+    result = export_bundle_peft(args.bundle, args.out)
+    if result["warning"]:
+        print(f"warning: {result['warning']}", file=sys.stderr)
+    return result
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -255,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, type=Path, help="the bundle (a train run folder, or lora/ or chameleon/)")
     p.add_argument("--out", required=True, type=Path, help="a new folder (refused if it exists)")
     p.set_defaults(run=_share_bundle)
+
+    p = commands.add_parser("export-peft", help="write a bundle as PEFT adapters: static LoRA as one, ChameleonLLM as "
+                            "one per training cluster (its head update conditioned on the cluster's centroid)")
+    p.add_argument("--bundle", required=True, type=Path, help="the bundle (a train run folder, or lora/ or chameleon/)")
+    p.add_argument("--out", required=True, type=Path, help="a new folder (refused if it exists)")
+    p.set_defaults(run=_export_peft)
 
     p = commands.add_parser("generate", help="answer prompts with base, static LoRA and ChameleonLLM; print JSON")
     p.add_argument("--bundle", required=True, help="a bundle, or a bundle set folder holding lora/ and chameleon/")
