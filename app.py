@@ -399,7 +399,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=os.environ.get("CHAMELEON_MODEL", DEFAULT_MODEL),
                         help=f"{MODEL_HELP} (env CHAMELEON_MODEL)")
-    parser.add_argument("--bundle", help="a bundle set folder with lora/ and chameleon/ (default: search assets/bundles/)")
+    parser.add_argument("--bundle", help="a bundle set folder with lora/ and chameleon/, or a Hugging Face Hub repo id "
+                        "(user/repo) holding one (default: search assets/bundles/)")
     parser.add_argument("--dataset", choices=DATASETS, help="data for a demo set built on first start (default: synthetic, "
                         "or the kind found in --data-dir)")
     parser.add_argument("--data-dir", help="a local copy of the data, e.g. path/to/wikitext-2-raw")

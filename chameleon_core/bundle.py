@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ def save_bundle(
     tokenizer.save_pretrained(path / "tokenizer")
     _atomic(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     write_checksums(path)
+    from .card import write_model_card  # imported here: the card module reads bundles through this one
+
+    write_model_card(path)
     return path
 
 
@@ -155,6 +159,33 @@ def _verify(path: Path, name: str, data: bytes, checksums: dict[str, str] | None
         raise BundleError(
             f"{name} in bundle {path} does not match its recorded checksum: the file is corrupt or was changed after saving"
         )
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # ``user/repo`` on the Hugging Face Hub
+
+
+def fetch_bundle(name: str | Path) -> Path:
+    """A bundle (or bundle set) folder: ``name`` itself when it exists, else the Hub repo ``user/repo``
+    downloaded with ``huggingface_hub.snapshot_download`` into its usual cache (an unchanged repo is not
+    fetched again). Its checksums are verified where it is loaded; offline, unknown or unreachable, a
+    :class:`BundleError` says so in one line."""
+    path = Path(name).expanduser()
+    if path.exists() or not REPO_ID.fullmatch(str(name)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=str(name)))
+    except RepositoryNotFoundError:
+        raise BundleError(f"no bundle at {name}: not a local folder, and the Hugging Face Hub has no repo {name!r} "
+                          "(or it is private: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise BundleError(f"no bundle at {name}: not a local folder, and the Hugging Face Hub cannot be reached (offline) "
+                          "with no copy in the local cache; connect once, or pass a local folder") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise BundleError(f"no bundle at {name}: downloading it from the Hugging Face Hub failed "
+                          f"({' '.join(str(err).split())[:200]})") from None
 
 
 def read_bundle_config(path: str | Path, verify: bool = True) -> dict:

@@ -17,7 +17,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .bench import SECTIONS, BenchSettings, format_report, merge_runs, run_bench
-from .bundle import export_bundle_peft, load_bundle, read_bundle_config, share_bundle
+from .bundle import export_bundle_peft, fetch_bundle, load_bundle, read_bundle_config, share_bundle
+from .card import write_model_card
 from .demo import open_bundle_set
 from .inference import (
     CLUSTERS, MAX_NEW_TOKENS, MAX_PROMPTS, answer_stops, assign, check_settings, embed_prompts, fit_prompts, generate,
@@ -114,7 +115,7 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    return evaluate_bundle(args.bundle, dataset=args.dataset, data_dir=args.data_dir, protocol=args.protocol,
+    return evaluate_bundle(fetch_bundle(args.bundle), dataset=args.dataset, data_dir=args.data_dir, protocol=args.protocol,
                            split=args.split, max_eval_rows=args.max_eval_rows, device=args.device)
 
 
@@ -137,7 +138,7 @@ def _generate(args: argparse.Namespace) -> dict:
     clusters, k, max_new_tokens, seed, do_sample = check_settings(
         args.clusters, args.k, args.max_new_tokens, args.seed, "sample" if args.sample else "greedy"
     )
-    path = Path(args.bundle)
+    path = fetch_bundle(args.bundle)
     if (path / "config.json").is_file():  # a single bundle
         model = load_model(args.model)[0] if args.model else None
         bundle = load_bundle(path, model)
@@ -171,6 +172,10 @@ def _export_peft(args: argparse.Namespace) -> dict:
     if result["warning"]:
         print(f"warning: {result['warning']}", file=sys.stderr)
     return result
+
+
+def _model_card(args: argparse.Namespace) -> dict:
+    return {"cards": [str(write_model_card(path, args.repo_id)) for path in args.bundles]}
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -225,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = commands.add_parser("evaluate", help="evaluate one bundle on a dataset split, prepared as its training run did")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="a bundle folder or a Hugging Face Hub repo id (user/repo)")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the dataset the bundle was trained on")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="default: the bundle's")
     p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="default: the bundle's training protocol")
@@ -270,8 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="a new folder (refused if it exists)")
     p.set_defaults(run=_export_peft)
 
+    p = commands.add_parser("model-card", help="(re)write the README.md model card of bundles, from their config.json")
+    p.add_argument("bundles", nargs="+", type=Path, help="bundle folders, e.g. assets/bundles/*/lora assets/bundles/*/chameleon")
+    p.add_argument("--repo-id", dest="repo_id", default=None, help="the Hub repo (user/repo) the card's commands load from")
+    p.set_defaults(run=_model_card)
+
     p = commands.add_parser("generate", help="answer prompts with base, static LoRA and ChameleonLLM; print JSON")
-    p.add_argument("--bundle", required=True, help="a bundle, or a bundle set folder holding lora/ and chameleon/")
+    p.add_argument("--bundle", required=True, help="a bundle, or a bundle set folder holding lora/ and chameleon/, "
+                   "or a Hugging Face Hub repo id (user/repo) holding one")
     p.add_argument("--model", default=None, help="base model (default: the one the bundles name)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")

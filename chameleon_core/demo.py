@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .bundle import Bundle, BundleError, Points, load_bundle, read_bundle_config
+from .bundle import Bundle, BundleError, Points, fetch_bundle, load_bundle, read_bundle_config
 from .clustering import Clusters
 from .hyper_head import condition_groups, hyper_head
 from .inference import (
@@ -490,7 +490,7 @@ def open_bundle_set(
     progress(0.0, f"loading {model_name}")
     model, tokenizer = load_model(model_name)
     if bundle is not None:
-        path = Path(bundle)
+        path = fetch_bundle(bundle)
         try:
             check_bundle_set(path, model_fingerprint(model))
         except BundleError as err:
