@@ -318,6 +318,7 @@ def test_the_serving_measurement_goes_through_the_page(served):
                                  prompts=SIX_DOMAINS)
     [http] = [run for run in result["runs"] if run["mode"] == "http"]
     assert http["requests"] == http["same_as_alone"] == 2 and http["speedup"] > 0
+    assert 0 < http["first_token_p50_s"] < http["latency_p95_s"]  # the first token arrives before the whole answer
 
 
 def test_compare_is_the_one_named_api_endpoint_and_explains_itself(tmp_path, monkeypatch):

@@ -175,5 +175,6 @@ def test_measure_serving_reports_throughput_latency_and_unchanged_answers(bundle
         assert run["requests"] == 2 * n and run["prompts"] == 4 * n
         assert run.get("same_as_alone", run["requests"]) == run["requests"], (mode, n)
         assert 0 < run["latency_p50_s"] <= run["latency_p95_s"] and run["requests_per_s"] > 0
+        assert 0 < run["first_token_p50_s"] <= run["first_token_p95_s"] and run["first_token_p50_s"] < run["latency_p50_s"]
     assert "same_as_alone" in runs["merged", 1] and "same_as_alone" not in runs["one at a time", 1]
     assert runs["one at a time", 3]["batches"] == 6 and runs["merged", 3]["batches"] < 6
