@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ from chameleon_core.inference import (
     validate_prompts,
 )
 from chameleon_core.models import DEFAULT_MODEL, MODEL_HELP, SMOLLM2, SMOLLM2_INSTALL, smollm2_gguf
-from chameleon_core.serving import Scheduler
+from chameleon_core.serving import Job, Scheduler, Stopped
 
 # Gradio reports usage to its developers by default; this demo runs offline, so only where the user sets it to True.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -52,6 +53,9 @@ ASSIGNMENT_COLUMNS = ["#", "Prompt", "Cluster", "Distance"]
 GENERATION_COLUMNS = ["#", "Prompt", *COMPARED.values()]
 ADAPTER_COLUMNS = ["Cluster", "Prompts", "‖scale·B·A‖_F", "Most boosted tokens (mean logit change)"]
 PENDING = "…"  # a model's cell until its column is generated
+CURSOR = "▌"  # after an answer that is still being written
+NOT_RUN = "(stopped)"  # a model's cell when the request was stopped before that model ran
+EXAMPLE_NEW_TOKENS = 64  # the examples' max new tokens: room for whole answers, each example computed once per process
 # Requests the page hands on at once. Each waits on the scheduler, which merges those that arrive
 # together into one batch; the models run one batch at a time, so this bounds waiting, not work.
 CONCURRENCY = 32
@@ -190,16 +194,24 @@ def cluster_map(bundle_set: BundleSet, result: Comparison) -> go.Figure:
     return figure
 
 
+def _cell(result: Comparison, regime: str, text: str | None) -> str:
+    """A model's answer as the page shows it: pending, being written (with a cursor), done, or not run."""
+    if text is None:
+        return NOT_RUN if result.stopped else PENDING
+    return text + CURSOR if regime == result.running else text
+
+
 def tables(result: Comparison) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Prompt -> cluster -> distance; the three continuations (:data:`PENDING` for a model not done yet);
-    the adapter of each cluster (none until the comparison is complete)."""
+    """Prompt -> cluster -> distance; the three continuations (:data:`PENDING` for a model not started,
+    :data:`CURSOR` after an answer still growing); the adapter of each cluster (none until the
+    comparison is complete)."""
     rows = result.rows()
     assignments = pd.DataFrame(
         [[i, r["prompt"], r["cluster"], round(r["distance"], 4)] for i, r in enumerate(rows, start=1)],
         columns=ASSIGNMENT_COLUMNS,
     )
     generations = pd.DataFrame(
-        [[i, r["prompt"], *(PENDING if r[regime] is None else r[regime] for regime in COMPARED)]
+        [[i, r["prompt"], *(_cell(result, regime, r[regime]) for regime in COMPARED)]
          for i, r in enumerate(rows, start=1)],
         columns=GENERATION_COLUMNS,
     )
@@ -212,6 +224,16 @@ def tables(result: Comparison) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
 
 
 # ---------------------------------------------------------------- the page
+API_DESCRIPTION = (
+    "Compare the base model, static LoRA and ChameleonLLM on your prompts. Each prompt is embedded, assigned to a "
+    "cluster (the nearest trained centroid, or k-means among the prompts) and answered by the three models; answers "
+    "end at the model's end-of-sequence token or the prompt template's next section heading. The endpoint streams: "
+    "every update carries the map, the cluster table, the answers so far and the status; the last one is complete. "
+    "Returns (plot, assignments, generations, adapters, status); tables come as {'headers': [...], 'data': [[...]]}. "
+    "Invalid input raises an error naming the field and what is allowed."
+)
+
+
 class Page(gr.Blocks):
     """The page's Blocks. An API call with too few or too many values gets an error naming what the endpoint
     takes (Gradio's own check raises an error whose message no client sees)."""
@@ -225,26 +247,54 @@ class Page(gr.Blocks):
 
 
 def build_demo(engine: Engine) -> gr.Blocks:
-    def compare(prompts: object, clusters: object, k: object, max_new_tokens: object, decoding: object,
-                seed: object, progress: gr.Progress = gr.Progress()):
-        """Yields as the request advances: the map and the clusters first, then each model's column as it
-        is generated, then the adapters and the status (the final yield holds every output, for API
-        clients). Gets the raw API values (``preprocess=False``), so every bad one gets inference's
-        message naming the field and its range, never Gradio's own or its generic "upstream" error."""
+    running: dict[str, set[Job]] = {}  # session -> its requests in the scheduler, for Stop
+
+    def compare(prompts: str, clusters: str, k: int, max_new_tokens: int, decoding: str, seed: int,
+                request: gr.Request, progress: gr.Progress = gr.Progress()):
+        """Compare the base model, static LoRA and ChameleonLLM on your prompts, streaming their answers.
+
+        Parameters:
+            prompts: one prompt per line, up to 32, each up to 2,000 characters
+            clusters: "trained" (nearest trained centroid) or "prompts" (k-means on these prompts)
+            k: clusters among the prompts with clusters "prompts", an integer from 1 to 32
+            max_new_tokens: an integer from 1 to 128; an answer may end sooner
+            decoding: "greedy" or "sample"
+            seed: for sampling and k-means, an integer from 0 to 2**32 - 1
+        """
+        # Yields as the request advances: the map and the clusters first, then the answers as they are
+        # written, then the adapters and the status (the final yield holds every output, for API
+        # clients). Gets the raw API values (``preprocess=False``), so every bad one gets inference's
+        # message naming the field and its range, never Gradio's own or its generic "upstream" error.
         try:
             texts = validate_prompts(prompts)
             clusters, k, max_new_tokens, seed, do_sample = check_settings(clusters, k, max_new_tokens, seed, decoding)
             scheduler = engine.ready()
             job = scheduler.submit(texts, clusters, k, max_new_tokens, do_sample, seed)
-            yield *[gr.skip()] * 4, working(progress, 0, "Waiting for the models")
-            for result in job.updates():
-                if result.complete:
-                    break
-                if not result.generations:  # just assigned: the map is made once (placing prompts takes a while)
-                    figure = cluster_map(scheduler.bundle_set, result)
-                yield stage(result, figure, progress)
         except (InputError, BundleError) as err:  # expected: the message is the answer, no traceback in the log
             raise gr.Error(str(err), print_exception=False) from None
+        session = running.setdefault(request.session_hash or "", set())
+        session.add(job)
+        try:
+            yield *[gr.skip()] * 4, working(progress, 0, "Waiting for the models")
+            figure = None
+            for result in job.updates(latest=True):
+                if result.complete:
+                    break
+                first = figure is None  # the map is made once (placing prompts takes a while)
+                figure = figure or cluster_map(scheduler.bundle_set, result)
+                yield stage(result, figure, progress, first)
+        except Stopped as err:
+            yield *[gr.skip()] * 4, f"**Stopped.** {err}"
+            return
+        except (InputError, BundleError) as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        finally:
+            session.discard(job)
+            scheduler.stop(job)  # a no-op once it is done; ends it if the page went away mid-way
+        figure = figure or cluster_map(scheduler.bundle_set, result)
+        if result.stopped:
+            yield figure, *tables(result), "**Stopped.** The columns show what each model wrote until then."
+            return
         status = engine.status()
         notes = [result.fitted.note()]
         if marked := markup_prompts(texts):
@@ -254,18 +304,26 @@ def build_demo(engine: Engine) -> gr.Blocks:
             status += f"\n\n{note}"
         yield figure, *tables(result), status
 
+    def stop(request: gr.Request) -> None:
+        """End this page's running requests; what the models wrote so far stays on the page."""
+        if engine.scheduler is not None:
+            for job in list(running.get(request.session_hash or "", ())):
+                engine.scheduler.stop(job)
+
     def working(progress: gr.Progress, step: int, message: str) -> str:
         """The status line while a request runs, and the progress bar on it (steps: queued and assigned,
         each model, the adapter summary)."""
         progress(step / (2 + len(COMPARED)), desc=message)
-        return f"**{message}…** The columns below fill in as each model finishes."
+        return f"**{message}…** The answers appear as the models write them; Stop ends them where they are."
 
-    def stage(result: Comparison, figure: go.Figure, progress: gr.Progress) -> tuple:
-        """What changed at this stage: the map, the clusters and empty columns once assigned, then a column."""
-        done, names = len(result.generations), list(COMPARED.values())
-        status = working(progress, 1 + done, f"Generating with {names[done]}" if done < len(names) else "Summarising the adapters")
+    def stage(result: Comparison, figure: go.Figure, progress: gr.Progress, first: bool) -> tuple:
+        """What changed: the map, the clusters and empty columns the first time, then the answers."""
+        names = list(COMPARED)
+        done = sum(regime in result.generations and regime != result.running for regime in names)
+        message = f"Generating with {COMPARED[names[done]]}" if done < len(names) else "Summarising the adapters"
+        status = working(progress, 1 + done, message)
         assignments, generations, adapters = tables(result)
-        if done:
+        if not first:
             return gr.skip(), gr.skip(), generations, gr.skip(), status
         return figure, assignments, generations, adapters, status
 
@@ -281,12 +339,11 @@ def build_demo(engine: Engine) -> gr.Blocks:
         )
         status = gr.Markdown(engine.status(), elem_id="status")
         with gr.Row():
-            with gr.Column(scale=3):
+            with gr.Column(scale=3) as left:
                 prompts = gr.Textbox(
                     label=f"Prompts (one per line, up to {MAX_PROMPTS}, each up to {MAX_PROMPT_CHARS:,} characters)",
                     lines=8, max_lines=20, elem_id="prompts",
                 )  # no initial value, so API clients must send prompts (the page fills in an example on load)
-                gr.Examples([[text] for text in EXAMPLES.values()], inputs=prompts, example_labels=list(EXAMPLES))
             with gr.Column(scale=2):
                 clusters = gr.Radio(
                     [("Assign to the trained clusters", "trained"), ("Cluster these prompts (k-means)", "prompts")],
@@ -296,7 +353,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, label="Max new tokens")
                 decoding = gr.Radio([("Greedy", "greedy"), ("Sampling", "sample")], value="greedy", label="Decoding")
                 seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed (sampling and batch k-means)")
-                run = gr.Button("Compare", variant="primary", elem_id="compare")
+                with gr.Row():
+                    run = gr.Button("Compare", variant="primary", elem_id="compare")
+                    halt = gr.Button("Stop", variant="stop", elem_id="stop")
         plot = gr.Plot(label="Cluster map", elem_id="cluster-map")
         with gr.Row():
             assignments = gr.Dataframe(
@@ -311,12 +370,21 @@ def build_demo(engine: Engine) -> gr.Blocks:
             headers=GENERATION_COLUMNS, column_widths=["4%", "24%", "24%", "24%", "24%"], label="Generations",
             interactive=False, wrap=True, max_height=900, elem_id="generations",
         )
+        inputs, outputs = [prompts, clusters, k, max_new_tokens, decoding, seed], [plot, assignments, generations, adapters, status]
         run.click(
-            compare, [prompts, clusters, k, max_new_tokens, decoding, seed],
-            [plot, assignments, generations, adapters, status], api_name="compare", preprocess=False,
-            show_progress_on=status,  # the tables and the map stay visible, filling in as each model finishes
+            compare, inputs, outputs, api_name="compare", api_description=API_DESCRIPTION, preprocess=False,
+            show_progress_on=status,  # the tables and the map stay visible, filling in as the models write
         )
         demo.load(lambda: next(iter(EXAMPLES.values())), outputs=prompts, api_visibility="private", show_progress="hidden")
+        halt.click(stop, api_visibility="private", queue=False)
+        with left:  # below the prompts; made here, where the settings and outputs it fills exist
+            examples = gr.Examples(
+                [[text, "trained", 3, EXAMPLE_NEW_TOKENS, "greedy", 0] for text in EXAMPLES.values()], inputs, outputs,
+                compare, cache_examples=True, cache_mode="lazy", preprocess=False, example_labels=list(EXAMPLES),
+            )
+        # Each example is computed at its first click and served from the cache afterwards, for this
+        # process only: answers cached by an earlier start may come from another model or bundle set.
+        shutil.rmtree(examples.cached_folder, ignore_errors=True)
         timer = gr.Timer(1.0)
         timer.tick(poll, outputs=[status, timer], api_visibility="private", show_progress="hidden")
     return demo
@@ -345,7 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=os.environ.get("CHAMELEON_MODEL", DEFAULT_MODEL),
                         help=f"{MODEL_HELP} (env CHAMELEON_MODEL)")
-    parser.add_argument("--bundle", help="a bundle set folder with lora/ and chameleon/ (default: search assets/bundles/)")
+    parser.add_argument("--bundle", help="a bundle set folder with lora/ and chameleon/, or a Hugging Face Hub repo id "
+                        "(user/repo) holding one (default: search assets/bundles/)")
     parser.add_argument("--dataset", choices=DATASETS, help="data for a demo set built on first start (default: synthetic, "
                         "or the kind found in --data-dir)")
     parser.add_argument("--data-dir", help="a local copy of the data, e.g. path/to/wikitext-2-raw")

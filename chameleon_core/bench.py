@@ -736,15 +736,17 @@ def _serving_report(serving: dict) -> list[str]:
     s = serving["settings"]
     lines = [f"== serving {s['bundle_set']} ({s['model']}): {s['requests_per_client']} requests of "
              f"{s['prompts_per_request']} prompts per client, {s['max_new_tokens']} new tokens, window {s['window_s']} s",
-             f"{'clients':>7} {'mode':14} {'requests/s':>10} {'x alone':>8} {'p50 s':>7} {'p95 s':>7} {'batches':>7} "
-             f"{'same':>5}  target"]
+             f"{'clients':>7} {'mode':14} {'requests/s':>10} {'x alone':>8} {'p50 s':>7} {'p95 s':>7} {'TTFT p50':>8} "
+             f"{'TTFT p95':>8} {'batches':>7} {'same':>5}  target"]
     for run in serving["runs"]:
         same = f"{run['same_as_alone']}/{run['requests']}" if "same_as_alone" in run else ""
         target = run.get("target")
         goal = f"{target['target']}: {'yes' if target['met'] else 'NO'}" if target else ""
+        first = [f"{run[key]:8.2f}" if run.get(key) is not None else f"{'-':>8}"
+                 for key in ("first_token_p50_s", "first_token_p95_s")]  # absent in runs measured before streaming
         lines.append(f"{run['clients']:7} {run['mode']:14} {run['requests_per_s']:10.3f} {run['speedup']:8.2f} "
-                     f"{run['latency_p50_s']:7.2f} {run['latency_p95_s']:7.2f} {run.get('batches', ''):>7} "
-                     f"{same:>5}  {goal}")
+                     f"{run['latency_p50_s']:7.2f} {run['latency_p95_s']:7.2f} {' '.join(first)} "
+                     f"{run.get('batches', ''):>7} {same:>5}  {goal}")
     return lines
 
 
@@ -846,15 +848,17 @@ def _serving_markdown(serving: dict) -> list[str]:
         f"one mixed-cluster batch per model (at most {s['max_batch']} prompts). *HTTP*: the same requests through the "
         "page's `/compare` API (Gradio's queue in front of the merging scheduler).",
         "",
-        "| Clients | Mode | Requests/s | x one at a time | p50 latency | p95 latency | Model batches | "
-        "Answers as alone |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| Clients | Mode | Requests/s | x one at a time | p50 latency | p95 latency | p50 first token | "
+        "p95 first token | Model batches | Answers as alone |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in serving["runs"]:
         same = f"{run['same_as_alone']} / {run['requests']}" if "same_as_alone" in run else "(reference)"
+        first = [f"{run[key]:.1f} s" if run.get(key) is not None else "-"  # "-": measured before answers streamed
+                 for key in ("first_token_p50_s", "first_token_p95_s")]
         lines.append(f"| {run['clients']} | {run['mode']} | {run['requests_per_s']:.3f} | {run['speedup']:.2f} | "
-                     f"{run['latency_p50_s']:.1f} s | {run['latency_p95_s']:.1f} s | {run.get('batches', '-')} | "
-                     f"{same} |")
+                     f"{run['latency_p50_s']:.1f} s | {run['latency_p95_s']:.1f} s | {first[0]} | {first[1]} | "
+                     f"{run.get('batches', '-')} | {same} |")
     targeted = [run for run in serving["runs"] if "target" in run]
     if targeted:
         clients = targeted[0]["clients"]

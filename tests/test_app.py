@@ -21,7 +21,7 @@ from chameleon_core import AdapterConfig, Points, apply_regime, embed_texts, fit
 from chameleon_core.hyper_head import hyper_head
 from chameleon_core import demo, inference
 from chameleon_core.bundle import BundleError
-from chameleon_core.demo import find_bundle_set
+from chameleon_core.demo import COMPARED, find_bundle_set
 from chameleon_core.inference import MAX_REQUEST_TOKENS, adapter_summary, embed_prompts, generate_rows
 from chameleon_core.lora import lora_layers
 from chameleon_core.serving import measure_serving
@@ -82,6 +82,7 @@ def served(tmp_path_factory):
     """(engine, url) of the app running in a background thread; closed after the module."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CHAMELEON_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("examples")))
         bundle = make_bundle_set(tmp_path_factory.mktemp("bundles") / "tiny")
         engine = app.Engine(model_name=MODEL, bundle=bundle).start()
         assert engine.wait(120) and engine.bundle_set is not None, engine.status()
@@ -286,16 +287,22 @@ def test_eight_simultaneous_calls_all_complete_correctly(served, client):
         assert [row[1:] for row in rows] == [[e["prompt"], e["base"], e["lora"], e["chameleon"]] for e in expected]
 
 
-def test_the_columns_fill_in_as_each_model_finishes(client):
-    job = client.submit("\n".join(SIX_DOMAINS[:2]), "trained", 3, 4, "greedy", 0, api_name="/compare")
+def test_the_answers_stream_in_as_the_models_write_them(served, client):
+    prompts = SIX_DOMAINS[:2]
+    job = client.submit("\n".join(prompts), "trained", 3, 12, "greedy", 0, api_name="/compare")
     final = job.result(timeout=120)
     queued, *outputs = job.outputs()
     assert queued[4].startswith("**Waiting for the models…**")
-    done = [[sum(cell != app.PENDING for cell in row[2:]) for row in output[2]["data"]] for output in outputs]
-    assert done == [[0, 0], [1, 1], [2, 2], [3, 3], [3, 3]]  # assigned, base, static LoRA, ChameleonLLM, summarised
-    assert [output[4].split("…")[0] for output in outputs[:4]] == [
-        "**Generating with Base", "**Generating with Static LoRA", "**Generating with ChameleonLLM",
-        "**Summarising the adapters"]
+    assert len(outputs) > len(COMPARED) + 1  # tokens arrive in pieces, not a column at a time
+    expected = served[0].bundle_set.compare(prompts, max_new_tokens=12).rows()
+    assert [row[2:] for row in final[2]["data"]] == [[e[regime] for regime in COMPARED] for e in expected]
+    for output in outputs[:-1]:  # every cell: not started, the start of its final answer being written, or final
+        for row, done in zip(output[2]["data"], final[2]["data"]):
+            for cell, answer in zip(row[2:], done[2:]):
+                assert cell in (app.PENDING, answer) or (cell.endswith(app.CURSOR) and answer.startswith(cell[:-1]))
+    statuses = [output[4].split("…")[0] for output in outputs[:-1]]
+    assert statuses == sorted(statuses, key=["**Generating with Base", "**Generating with Static LoRA",
+                                             "**Generating with ChameleonLLM", "**Summarising the adapters"].index)
     assert outputs[0][1]["data"] == final[1]["data"]  # the clusters come first, with empty columns
     assert outputs[0][3]["data"] == [] and final[3]["data"]  # the adapters come last
     assert tuple(outputs[-1]) == tuple(final) and final[4].startswith("**Ready.**")
@@ -325,12 +332,19 @@ def test_the_serving_measurement_goes_through_the_page(served):
                                  prompts=SIX_DOMAINS)
     [http] = [run for run in result["runs"] if run["mode"] == "http"]
     assert http["requests"] == http["same_as_alone"] == 2 and http["speedup"] > 0
+    assert 0 < http["first_token_p50_s"] < http["latency_p95_s"]  # the first token arrives before the whole answer
 
 
-def test_compare_is_a_named_api_endpoint(client):
-    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/compare"]
+def test_compare_is_the_one_named_api_endpoint_and_explains_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path))
+    endpoints = app.build_demo(app.Engine(model_name=MODEL)).get_api_info()["named_endpoints"]
+    assert list(endpoints) == ["/compare"]  # Stop, the status poll and the examples stay off the API page
+    endpoint = endpoints["/compare"]
+    assert endpoint["description"] == app.API_DESCRIPTION
     names = [p["parameter_name"] for p in endpoint["parameters"]]
     assert names == ["prompts", "clusters", "k", "max_new_tokens", "decoding", "seed"]
+    types = [p["python_type"]["type"] for p in endpoint["parameters"]]
+    assert types == ["str", "Literal['trained', 'prompts']", "float", "float", "Literal['greedy', 'sample']", "int"]
     assert len(endpoint["returns"]) == 5
 
 

@@ -18,7 +18,9 @@ from chameleon_core.inference import (
     SAMPLE_TOP_K,
     InputError,
     RowSampler,
+    answer_stops,
     check_settings,
+    cut_answer,
     fit_prompts,
     generate,
     generate_rows,
@@ -109,6 +111,56 @@ def test_the_row_sampler_draws_from_the_softmax_of_the_top_k():
     frequencies = torch.bincount(draws, minlength=scores.shape[1]) / len(draws)
     assert frequencies[SAMPLE_TOP_K:].sum() == 0
     assert torch.allclose(frequencies[:SAMPLE_TOP_K], scores[0, :SAMPLE_TOP_K].softmax(-1), atol=0.01)
+
+
+@pytest.mark.parametrize(
+    "text, hold, answer",
+    [("Tea.\n\n### Instruction:\nMore", False, "Tea.\n"),  # the next heading ends the answer, unshown
+     ("###\n\n###\n", False, ""),  # a heading right after the prompt's line break: the answer has ended at once
+     ("\n###", False, ""),
+     ("Use ### for headings.", False, "Use ### for headings."),  # not at a line start: part of the answer
+     ("Tea.\n#", False, "Tea.\n#"),  # the end, the answer is what was written
+     ("Tea.\n#", True, "Tea."),  # while streaming, a start of a heading is held back
+     ("#", True, "")],
+)
+def test_an_answer_ends_at_the_templates_next_heading_which_is_never_shown(text, hold, answer):
+    stops = answer_stops(ALPACA)
+    assert stops == ("\n###",) and answer_stops("{prompt}") == ()
+    assert cut_answer(text, stops, ALPACA.format(prompt="Make tea."), hold) == answer
+    assert cut_answer("#", stops, "no line break", hold=True) == "#"  # no line start, so no heading begins
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "seeded"])
+def test_streamed_answers_are_the_answers_and_a_row_that_ends_leaves_the_others_alone(tiny_gpt2, texts, do_sample):
+    model, tokenizer = tiny_gpt2
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger random weights: varied answers, where the fresh model repeats one token
+        for parameter in model.parameters():
+            parameter.normal_(std=0.3)
+    seeds = row_seeds(len(texts), do_sample, 3)
+    free = generate_rows(model, tokenizer, texts, seeds, max_new_tokens=12)
+    # A piece of one row's answer (after its start) that some other row's answer lacks: it ends the rows that
+    # write it, there, and leaves the others alone.
+    stop = next(row[i : i + 3] for row in free for i in range(1, len(row) - 2) if any(row[i : i + 3] not in o for o in free))
+    stopped = generate_rows(model, tokenizer, texts, seeds, max_new_tokens=12, stops=(stop,))
+    assert stopped == [text[: text.index(stop)] if stop in text else text for text in free]
+    assert any(stop in text for text in free) and any(a == b for a, b in zip(stopped, free))
+    pieces: dict[int, list[str]] = {}
+    streamed = generate_rows(model, tokenizer, texts, seeds, max_new_tokens=12, stops=(stop,),
+                             stream=lambda grew: [pieces.setdefault(row, []).append(text) for row, text in grew.items()])
+    assert streamed == stopped
+    assert sum(map(len, pieces.values())) > len(texts)  # in pieces, not once per row
+    for row, grown in pieces.items():
+        assert grown[-1] == stopped[row] and all(b.startswith(a) for a, b in zip(grown, grown[1:]))
+
+
+def test_the_base_model_ends_the_haiku_where_its_answer_ends(smollm2):
+    """SmolLM2 as released answers Alpaca's haiku prompt with nothing but new headings; they are never shown."""
+    model, tokenizer = smollm2
+    template = "### Instruction:\n{prompt}\n\n### Response:\n"  # the committed bundles' template
+    prompt = [template.format(prompt="Write a haiku about autumn.")]
+    assert "###" in generate(model, tokenizer, prompt, max_new_tokens=6)[0]
+    assert "###" not in generate(model, tokenizer, prompt, max_new_tokens=6, stops=answer_stops(template))[0]
 
 
 def test_generate_refuses_an_uncut_prompt_instead_of_indexing_past_the_positions(tiny_gpt2):

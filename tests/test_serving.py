@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from chameleon_core import load_model
-from chameleon_core.demo import BundleSet, length_buckets
+from chameleon_core.demo import COMPARED, BundleSet, length_buckets, make_request
 from chameleon_core.inference import InputError
-from chameleon_core.serving import Busy, Scheduler, measure_serving
+from chameleon_core.serving import Busy, Scheduler, Stopped, measure_serving
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_app import LONG, MODEL, SIX_DOMAINS, make_bundle_set  # noqa: E402
@@ -114,13 +114,48 @@ def test_a_failing_request_fails_alone(bundle_set):
         scheduler.submit([])
 
 
-def test_updates_come_as_each_model_finishes(bundle_set):
+def test_updates_stream_each_answer_as_it_grows(bundle_set):
     with Scheduler(bundle_set) as scheduler:
-        stages = list(scheduler.submit(SIX_DOMAINS[:3], max_new_tokens=4).updates(timeout=60))
-    assert [(sorted(stage.generations), stage.complete) for stage in stages] == [
-        ([], False), (["base"], False), (["base", "lora"], False), (["base", "chameleon", "lora"], False),
-        (["base", "chameleon", "lora"], True)]
-    assert stages[0].rows()[0]["base"] is None and stages[-1].rows() == alone(bundle_set, SIX_DOMAINS[:3], max_new_tokens=4).rows()
+        stages = list(scheduler.submit(SIX_DOMAINS[:3], max_new_tokens=6).updates(timeout=60))
+    final = alone(bundle_set, SIX_DOMAINS[:3], max_new_tokens=6)
+    assert stages[-1].rows() == final.rows() and stages[-1].complete and not stages[-1].stopped
+    assert stages[0].generations == {} and not any(stage.complete for stage in stages[:-1])
+    streamed = [stage for stage in stages if stage.running is not None]
+    assert len(streamed) > len(COMPARED)  # tokens arrive in pieces, not one column at a time
+    assert [stage.running for stage in streamed] == sorted((stage.running for stage in streamed), key=list(COMPARED).index)
+    for stage in streamed:  # every piece is the start of the answer the model finally gives
+        for regime, texts in stage.generations.items():
+            assert all(final.generations[regime][row].startswith(text) for row, text in enumerate(texts)), regime
+    done = [[regime for regime in stage.generations if regime != stage.running] for stage in stages]
+    assert [list(d) for d in dict.fromkeys(map(tuple, done))] == [[], ["base"], ["base", "lora"], list(COMPARED)]
+
+
+def test_stop_ends_one_request_and_leaves_its_batch_mates_alone(bundle_set):
+    kept, halted = (SIX_DOMAINS[:2], {"max_new_tokens": 24}), (SIX_DOMAINS[2:5], {"max_new_tokens": 24, "do_sample": True})
+    requests = [make_request(prompts, **extra) for prompts, extra in (kept, halted)]
+    stop = set()
+
+    def report(i, comparison):  # as Scheduler.stop does: a flag the batch reads at its next decoding step
+        if i == 1 and comparison.running is not None:
+            stop.add(i)
+
+    rest, stopped = bundle_set.compare_batch(requests, report, lambda i: i in stop)
+    assert rest.rows() == alone(bundle_set, kept[0], **kept[1]).rows() and not rest.stopped
+    whole = alone(bundle_set, halted[0], **halted[1])
+    assert stopped.stopped and stopped.complete and stopped.adapters == [] and list(stopped.generations) == ["base"]
+    assert [row["lora"] for row in stopped.rows()] == [None] * 3  # the later models never ran it
+    ours, theirs = stopped.generations["base"], whole.generations["base"]
+    assert all(b.startswith(a) for a, b in zip(ours, theirs)) and max(map(len, ours)) < max(map(len, theirs))
+
+
+def test_a_request_stopped_while_it_waits_never_runs(bundle_set):
+    with Scheduler(bundle_set, window=1.0) as scheduler:
+        first, second = scheduler.submit(SIX_DOMAINS[:2], max_new_tokens=4), scheduler.submit(SIX_DOMAINS[2:3], max_new_tokens=4)
+        scheduler.stop(first)
+        with pytest.raises(Stopped, match="before the models started"):
+            first.result(timeout=60)
+        assert second.result(timeout=60).rows() == alone(bundle_set, SIX_DOMAINS[2:3], max_new_tokens=4).rows()
+    assert scheduler.batch_sizes == Counter({1: 1})
 
 
 def test_rows_are_bucketed_by_new_tokens_and_by_length_only_where_padding_dominates():
@@ -140,5 +175,6 @@ def test_measure_serving_reports_throughput_latency_and_unchanged_answers(bundle
         assert run["requests"] == 2 * n and run["prompts"] == 4 * n
         assert run.get("same_as_alone", run["requests"]) == run["requests"], (mode, n)
         assert 0 < run["latency_p50_s"] <= run["latency_p95_s"] and run["requests_per_s"] > 0
+        assert 0 < run["first_token_p50_s"] <= run["first_token_p95_s"] and run["first_token_p50_s"] < run["latency_p50_s"]
     assert "same_as_alone" in runs["merged", 1] and "same_as_alone" not in runs["one at a time", 1]
     assert runs["one at a time", 3]["batches"] == 6 and runs["merged", 3]["batches"] < 6
