@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -12,7 +13,7 @@ from chameleon_core import demo
 from chameleon_core.inference import generate_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.is_file():
+if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
