@@ -280,8 +280,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
             for result in job.updates(latest=True):
                 if result.complete:
                     break
-                first = figure is None  # the map is made once (placing prompts takes a while)
-                figure = figure or cluster_map(scheduler.bundle_set, result)
+                first = figure is None
+                if first:  # the map is made once (placing prompts takes a while)
+                    figure = cluster_map(scheduler.bundle_set, result)
                 yield stage(result, figure, progress, first)
         except Stopped as err:
             yield *[gr.skip()] * 4, f"**Stopped.** {err}"
@@ -291,7 +292,8 @@ def build_demo(engine: Engine) -> gr.Blocks:
         finally:
             session.discard(job)
             scheduler.stop(job)  # a no-op once it is done; ends it if the page went away mid-way
-        figure = figure or cluster_map(scheduler.bundle_set, result)
+        if figure is None:  # every stage came while the page was busy: only the complete one is shown
+            figure = cluster_map(scheduler.bundle_set, result)
         if result.stopped:
             yield figure, *tables(result), "**Stopped.** The columns show what each model wrote until then."
             return

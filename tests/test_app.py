@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import sys
+import time
 import unicodedata
 from pathlib import Path
 
@@ -287,7 +288,14 @@ def test_eight_simultaneous_calls_all_complete_correctly(served, client):
         assert [row[1:] for row in rows] == [[e["prompt"], e["base"], e["lora"], e["chameleon"]] for e in expected]
 
 
-def test_the_answers_stream_in_as_the_models_write_them(served, client):
+def test_the_answers_stream_in_as_the_models_write_them(served, client, monkeypatch):
+    step = inference.AnswerEnd.__call__
+
+    def paced(self, *args, **kwargs):  # a real model's pace (tens of ms a token), so the page sees the pieces
+        time.sleep(0.03)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(inference.AnswerEnd, "__call__", paced)
     prompts = SIX_DOMAINS[:2]
     job = client.submit("\n".join(prompts), "trained", 3, 12, "greedy", 0, api_name="/compare")
     final = job.result(timeout=120)
