@@ -18,7 +18,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,7 +54,6 @@ ADAPTER_COLUMNS = ["Cluster", "Prompts", "‖scale·B·A‖_F", "Most boosted to
 PENDING = "…"  # a model's cell until its column is generated
 CURSOR = "▌"  # after an answer that is still being written
 NOT_RUN = "(stopped)"  # a model's cell when the request was stopped before that model ran
-EXAMPLE_NEW_TOKENS = 64  # the examples' max new tokens: room for whole answers, each example computed once per process
 # Requests the page hands on at once. Each waits on the scheduler, which merges those that arrive
 # together into one batch; the models run one batch at a time, so this bounds waiting, not work.
 CONCURRENCY = 32
@@ -341,11 +339,12 @@ def build_demo(engine: Engine) -> gr.Blocks:
         )
         status = gr.Markdown(engine.status(), elem_id="status")
         with gr.Row():
-            with gr.Column(scale=3) as left:
+            with gr.Column(scale=3):
                 prompts = gr.Textbox(
                     label=f"Prompts (one per line, up to {MAX_PROMPTS}, each up to {MAX_PROMPT_CHARS:,} characters)",
                     lines=8, max_lines=20, elem_id="prompts",
                 )  # no initial value, so API clients must send prompts (the page fills in an example on load)
+                gr.Examples([[text] for text in EXAMPLES.values()], inputs=prompts, example_labels=list(EXAMPLES))
             with gr.Column(scale=2):
                 clusters = gr.Radio(
                     [("Assign to the trained clusters", "trained"), ("Cluster these prompts (k-means)", "prompts")],
@@ -379,14 +378,6 @@ def build_demo(engine: Engine) -> gr.Blocks:
         )
         demo.load(lambda: next(iter(EXAMPLES.values())), outputs=prompts, api_visibility="private", show_progress="hidden")
         halt.click(stop, api_visibility="private", queue=False)
-        with left:  # below the prompts; made here, where the settings and outputs it fills exist
-            examples = gr.Examples(
-                [[text, "trained", 3, EXAMPLE_NEW_TOKENS, "greedy", 0] for text in EXAMPLES.values()], inputs, outputs,
-                compare, cache_examples=True, cache_mode="lazy", preprocess=False, example_labels=list(EXAMPLES),
-            )
-        # Each example is computed at its first click and served from the cache afterwards, for this
-        # process only: answers cached by an earlier start may come from another model or bundle set.
-        shutil.rmtree(examples.cached_folder, ignore_errors=True)
         timer = gr.Timer(1.0)
         timer.tick(poll, outputs=[status, timer], api_visibility="private", show_progress="hidden")
     return demo

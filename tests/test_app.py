@@ -83,7 +83,6 @@ def served(tmp_path_factory):
     """(engine, url) of the app running in a background thread; closed after the module."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CHAMELEON_CACHE", str(tmp_path_factory.mktemp("cache")))
-        patch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path_factory.mktemp("examples")))
         bundle = make_bundle_set(tmp_path_factory.mktemp("bundles") / "tiny")
         engine = app.Engine(model_name=MODEL, bundle=bundle).start()
         assert engine.wait(120) and engine.bundle_set is not None, engine.status()
@@ -343,10 +342,9 @@ def test_the_serving_measurement_goes_through_the_page(served):
     assert 0 < http["first_token_p50_s"] < http["latency_p95_s"]  # the first token arrives before the whole answer
 
 
-def test_compare_is_the_one_named_api_endpoint_and_explains_itself(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_EXAMPLES_CACHE", str(tmp_path))
+def test_compare_is_the_one_named_api_endpoint_and_explains_itself():
     endpoints = app.build_demo(app.Engine(model_name=MODEL)).get_api_info()["named_endpoints"]
-    assert list(endpoints) == ["/compare"]  # Stop, the status poll and the examples stay off the API page
+    assert list(endpoints) == ["/compare"]  # Stop and the status poll stay off the API page
     endpoint = endpoints["/compare"]
     assert endpoint["description"] == app.API_DESCRIPTION
     names = [p["parameter_name"] for p in endpoint["parameters"]]
