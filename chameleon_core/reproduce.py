@@ -152,7 +152,7 @@ def reproduce(
         if first is None:
             continue
         results["protocols"][protocol] = {
-            "eval_split": first["eval_split"], "rows": first["rows"], "eval_targets": first["eval"]["targets"],
+            "eval_split": first["eval_split"], "rows": first["rows"], "eval_targets": first["eval"].get("targets"),
             "dropped_rows": first["dropped_rows"],
             "k": first["k"], "padding_share": first["padding_share"], "table": table, "curves": curves, "not_run": not_run,
             "adapter_diversity": diversity, "run_seconds": timed if None not in timed else None,
@@ -176,7 +176,7 @@ def _row(runs: list[dict], eval_key: str = "eval") -> dict:
         "trainable_parameters": runs[0]["trainable_parameters"],
         "total_parameters": runs[0]["total_parameters"],
         "steps": _stats([sum(len(h.get("step_losses", [])) for h in r["history"]) for r in runs]),
-        "train_rows": runs[0]["rows"]["train"],
+        "train_rows": runs[0]["rows"].get("train"),
         "train_loss": _stats([r["train_loss"] for r in runs]),
         "val_loss": _stats([r[eval_key]["loss"] for r in runs]),
         "val_ppl": _stats([r[eval_key]["ppl"] for r in runs]),
