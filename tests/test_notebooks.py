@@ -6,7 +6,8 @@ in lax mode: every cell must run (a solution's exercise checks are asserts), and
 notebook printed, whichever profile runs (``local`` where the local data exists, else ``tiny``).
 The committed notebooks are also read as documents: their LaTeX is intact, every plotly figure carries
 a static image for viewers without JavaScript and is introduced by what to look at, every notebook ends
-with a take-away in numbers, and its exercises' checks are the ones its solutions pass.
+with a take-away in numbers whose bold verdicts are chosen by those numbers, and its exercises' checks are the
+ones its solutions pass — and refuse the values a learner could copy from the notebook's earlier outputs.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import importlib.util
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
 import pytest
+from nbclient import NotebookClient
 
 from chameleon_core.profiles import resolve_profile, set_figure_renderer
 from chameleon_core.train import TrainConfig
@@ -60,7 +63,7 @@ def test_notebook_is_committed_with_the_outputs_of_one_run(path):
         assert any(cell.source.startswith("# NBVAL_CHECK_OUTPUT") for cell in cells)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda path: path.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs_and_its_checked_cells_match(path):
     command = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider", "-q",
                str(path)]
@@ -193,6 +196,95 @@ def test_figures_carry_a_static_image_where_a_browser_draws_it(monkeypatch, caps
     monkeypatch.setattr(pio.renderers["png"], "width", pio.renderers["png"].width)
     set_figure_renderer(width=320)
     assert png_width(go.Figure(go.Bar(y=[1, 2]))) == 320 and capsys.readouterr().out == ""
+
+
+# A bold verdict of a take-away is chosen by a comparison inside its own replacement field: {"..." if x > t else "..."}.
+CHOSEN = re.compile(r"\{[^{}]*\bif\b[^{}]*\belse\b[^{}]*\}")
+
+
+def fixed_verdicts(source: str) -> list[str]:
+    """The bold verdicts in a take-away cell's source that are fixed text, printed whatever the numbers say."""
+    return [span for span in re.findall(r"\*\*(.+?)\*\*", source, flags=re.S) if not CHOSEN.search(span)]
+
+
+def test_the_verdict_check_finds_fixed_text():
+    assert fixed_verdicts('f"- **Rows are short.** {share:.0%} of them"') == ["Rows are short."]
+    assert fixed_verdicts('f"- **{name}**: {share:.0%}"') == ["{name}"]  # a number, but no verdict chosen by it
+    assert fixed_verdicts('f"- **{\'Rows are short\' if share > 0.5 else \'Rows are long\'}** (threshold: half)"') == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_take_away_verdicts_are_chosen_by_the_numbers(path):
+    cells = _cells(path)
+    heading = next(i for i, cell in enumerate(cells) if cell.cell_type == "markdown" and cell.source.startswith("## Take-away"))
+    sources = [cell.source for cell in cells[heading:] if cell.cell_type == "code"]
+    assert any("**" in source for source in sources), "the take-away states its verdicts in bold"
+    fixed = [span for source in sources for span in fixed_verdicts(source)]
+    assert not fixed, f"bold verdicts that do not depend on a number: {fixed}"
+
+
+# What a learner could copy into each exercise from the outputs printed above it: (the names the check reads,
+# a pattern over the earlier outputs or None, the copied answer as Python source in the solution's namespace,
+# where {0}, {1}, ... are the pattern's groups). Every check must refuse every copy.
+COPIED = {
+    "01": [("my_masked_mean", None, "lambda input_ids, attention_mask: e_masked")],
+    "02": [("my_mean_batch_size", r"ClusterBatchSampler\s+\d+\s+([\d.]+)", "lambda labels, batch_size: {0}"),
+           ("my_prediction", None, "{{'cluster': 'random', 'random': 'cluster'}}[my_prediction]")],
+    "03": [("my_lora_count", r"\blora\s+(\d+)\s", "lambda config, r: {0}"),
+           ("my_matched_rank", r"lora-matched\s+\d+\s+\d+\s+\d+\s+(\d+)", "lambda config, r: {0}")],
+    "04": [("my_hyper_count", r"ChameleonLLM's head\): ([\d,]+)", "lambda d, V, r: {0}"),
+           ("my_step", r"largest logit ([\d.]+)\)", "lambda model, optimizer, batch, embeddings: {0}")],
+    "05": [("my_padding_share", r"([\d.]+)% of the \d+ evaluation targets are padding", "lambda split, pad_id: {0} / 100"),
+           ("my_verdict", r"\d\.\d+ (higher|lower) \(beyond", "lambda table, row, reference: {0!r}")],
+    "06": [("my_nearest", None, "lambda embeddings, centroids: assignment.labels"),
+           ("my_swapped_logits", None, "own_logits")],
+}
+
+
+def _printed_before(path: Path, marker: str) -> str:
+    """Everything the notebook printed above its first cell that starts with ``marker``."""
+    shown = []
+    for cell in _cells(path):
+        if cell.cell_type == "code":
+            if cell.source.startswith(marker):
+                break
+            shown += [_text(output) for output in cell.outputs]
+    return "\n".join(shown)
+
+
+def copied_answer(path: Path, exercise: int) -> tuple[str, str]:
+    """(name, Python source): the copy of exercise ``exercise`` that a learner could make from the notebook above it."""
+    name, pattern, answer = COPIED[path.name[:2]][exercise - 1]
+    if pattern is None:
+        return name, answer.format()
+    printed = _printed_before(path, next(cell.source.splitlines()[0] for cell in _cells(path, "code")
+                                         if cell.source.startswith("# YOUR TURN") and str(exercise) in cell.source.splitlines()[0]))
+    found = re.search(pattern, printed)
+    assert found, f"exercise {exercise}: no output above it matches {pattern!r}"
+    return name, answer.format(*(group.replace(",", "") for group in found.groups()))
+
+
+def _refusal(name: str, answer: str, check: str) -> str:
+    """A cell that runs a check with a copied answer, expects it to fail, and puts the solution back."""
+    return (f"_solved = {name}\n{name} = {answer}\ntry:\n{textwrap.indent(check, '    ')}\nexcept AssertionError:\n    pass\n"
+            f"else:\n    raise RuntimeError('the check accepts {name} = {answer!s:.60}, copied from the notebook')\n"
+            f"finally:\n    {name} = _solved\n")
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda path: path.stem)
+def test_solutions_run_and_each_check_refuses_a_copied_answer(path):
+    """The solutions run top to bottom (every check passes them), and every check, run again with the answer
+    replaced by what a learner could copy from the notebook's earlier outputs, fails."""
+    notebook = ROOT / "notebooks" / next(p.name for p in NOTEBOOKS if p.name[:2] == path.name[:2])
+    solutions = nbformat.read(path, as_version=4)
+    cells = []
+    for cell in solutions.cells:
+        cells.append(cell)
+        if cell.cell_type == "code" and cell.source.startswith("# CHECK"):
+            for number in re.findall(r"\d", cell.source.splitlines()[0]):
+                cells.append(nbformat.v4.new_code_cell(_refusal(*copied_answer(notebook, int(number)), cell.source)))
+    solutions.cells = cells
+    NotebookClient(solutions, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
 
 
 def test_unknown_profile_is_refused():
