@@ -8,7 +8,7 @@ One concept per module:
 - :mod:`.clustering` — k-means and cluster-homogeneous batch samplers.
 - :mod:`.lora` — static LoRA for ``nn.Linear`` and GPT-2's ``Conv1D``.
 - :mod:`.hyper_head` — the hyper-LoRA output head and its conditioning.
-- :mod:`.regimes` — base / lora-head / lora / chameleon / lora-matched behind one call.
+- :mod:`.regimes` — base / lora-head / lora / chameleon / chameleon-head / lora-matched behind one call.
 - :mod:`.bundle` — save, load and export trained adapters.
 """
 

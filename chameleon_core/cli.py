@@ -86,6 +86,8 @@ def _add_training_settings(parser: argparse.ArgumentParser) -> None:
     _setting(parser, "k", "number of clusters (default: rows // batch size)", type=int)
     _setting(parser, "max_train_rows", "default: all", type=int)
     _setting(parser, "max_eval_rows", "default: all", type=int)
+    _setting(parser, "patience", "stop once validation loss has not improved for this many epochs and keep the best "
+             "epoch's adapters (--epochs is then the most; default: train every epoch)", type=int)
     _setting(parser, "data_seed", type=int)
     _setting(parser, "device", f"{DEVICE_HELP} (default: {TRAIN_DEFAULTS['device']})")
 

@@ -1,4 +1,4 @@
-"""Datasets as lists of :class:`Record`: WikiText-2, Alpaca and a synthetic multi-domain corpus.
+"""Datasets as lists of :class:`Record`: WikiText-2, Alpaca, a synthetic multi-domain corpus and a positive control.
 
 Every record says what the model reads (``prompt + response``), what is scored (``response``)
 and what is known at inference time to condition on (``condition``).
@@ -7,12 +7,14 @@ and what is known at inference time to condition on (``condition``).
 from __future__ import annotations
 
 import json
+import math
 import random
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASETS = ("wikitext", "alpaca", "synthetic")
+DATASETS = ("wikitext", "alpaca", "alpaca-hidden", "synthetic", "groups")
+INSTRUCTION_DATASETS = ("alpaca", "alpaca-hidden", "groups")  # a prompt is read, the condition is its own text
 ALPACA_HUB_IDS = ("yahma/alpaca-cleaned", "tatsu-lab/alpaca")
 RESPONSE_MARKER = "### Response:\n"
 # Invisible characters that make text which looks the same tokenize differently: zero-width space,
@@ -81,9 +83,10 @@ def alpaca_record(instruction: str, input: str, output: str) -> Record:
 
 
 def load_alpaca(
-    source: str | Path = ALPACA_HUB_IDS[0], seed: int = 0, validation_fraction: float = 0.1
+    source: str | Path = ALPACA_HUB_IDS[0], seed: int = 0, validation_fraction: float = 0.1, hidden: bool = False
 ) -> dict[str, list[Record]]:
-    """Alpaca from a hub id or a local JSON list, split seeded into disjoint train / validation."""
+    """Alpaca from a hub id or a local JSON list, split seeded into disjoint train / validation
+    (the same split with ``hidden``, see :func:`alpaca_record_hidden`)."""
     if Path(source).expanduser().is_file():
         rows = _read_json(Path(source).expanduser())
         if not isinstance(rows, list):
@@ -98,7 +101,16 @@ def load_alpaca(
         _check_alpaca_row(source, i, row)
     records = [alpaca_record(row["instruction"], row.get("input", ""), row["output"]) for row in rows]
     train, validation = split_records(records, validation_fraction, seed)
+    if hidden:  # split first, so that both variants hold the same records in the same order
+        train, validation = ([alpaca_record_hidden(r) for r in part] for part in (train, validation))
     return {"train": train, "validation": validation}
+
+
+def alpaca_record_hidden(record: Record) -> Record:
+    """``record`` with its instruction hidden from the model's input: the model reads the response marker alone
+    and the instruction (+ input) is only the condition. The hidden-condition control: what the condition
+    tells, the context cannot."""
+    return Record(RESPONSE_MARKER, record.response, record.condition)
 
 
 def _read_json(path: Path):
@@ -208,6 +220,59 @@ def load_synthetic(n_per_domain: int = 200, seed: int = 0, instructions: bool = 
     return {"train": train, "validation": validation, "test": test}
 
 
+# ---------------------------------------------------------------- positive control
+GROUPS, WORDS_PER_GROUP, CONDITION_WORDS = 8, 16, 8
+GROUP_PROMPT = "Word: "  # the same for every row: the model's input says nothing about the group
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def group_vocabularies(groups: int = GROUPS, words: int = WORDS_PER_GROUP, seed: int = 0) -> list[list[str]]:
+    """``groups`` disjoint lists of ``words`` made-up words each (seeded)."""
+    rng = random.Random(seed)
+    made: dict[str, None] = {}
+    while len(made) < groups * words:
+        made["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))] = None
+    pool = list(made)
+    return [pool[g * words:(g + 1) * words] for g in range(groups)]
+
+
+def group_records(n: int = 2400, seed: int = 0, groups: int = GROUPS, words: int = WORDS_PER_GROUP,
+                  condition_words: int = CONDITION_WORDS) -> list[Record]:
+    """The positive control: a task in which only the condition tells what will be scored.
+
+    Each row belongs to one of ``groups`` latent groups (uniform), each with its own vocabulary. The
+    model reads :data:`GROUP_PROMPT`, the same for every row; the scored response is one word drawn
+    uniformly from the group's vocabulary; the condition is ``condition_words`` words of that group
+    drawn independently of the response. Whatever can be known about the group is in the condition.
+    """
+    vocabularies = group_vocabularies(groups, words, seed)
+    rng = random.Random(seed + 1)
+    records = []
+    for _ in range(n):
+        g = rng.randrange(groups)
+        condition = " ".join(rng.choices(vocabularies[g], k=condition_words))
+        records.append(Record(GROUP_PROMPT, rng.choice(vocabularies[g]), condition, f"group{g}"))
+    return records
+
+
+def group_floors(groups: int = GROUPS, words: int = WORDS_PER_GROUP) -> dict[str, float]:
+    """The lowest expected loss per row (nats) on :func:`group_records`.
+
+    Tokenization is injective, so the scored tokens of a row (its word, then end of text, which the word
+    determines) carry exactly the word's entropy: ``log(groups * words)`` for any predictor that cannot
+    tell the group (a constant head, any head given no condition), ``log(words)`` for one that can.
+    """
+    return {"without condition": math.log(groups * words), "with condition": math.log(words)}
+
+
+def load_groups(seed: int = 0) -> dict[str, list[Record]]:
+    """Train / validation / test of the positive control; validation is carved from the training rows
+    (the same distribution), to stop training when it no longer improves; test reports."""
+    train, test = split_records(group_records(seed=seed), 0.15, seed)
+    train, validation = split_records(train, 0.1, seed)
+    return {"train": train, "validation": validation, "test": test}
+
+
 # ---------------------------------------------------------------- splits
 def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Seeded disjoint split; exact duplicates are dropped first so no text sits on both sides."""
@@ -224,21 +289,25 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 
 
 def load_dataset_splits(name: str, data_dir: str | Path | None = None, seed: int = 0) -> dict[str, list[Record]]:
-    """One entry point for the CLI: ``wikitext``, ``alpaca`` or ``synthetic``."""
+    """One entry point for the CLI: one of :data:`DATASETS` (``alpaca-hidden``: :func:`alpaca_record_hidden`;
+    ``groups``: the positive control, :func:`group_records`)."""
     if name == "wikitext":
         return load_wikitext(data_dir, seed)
-    if name == "alpaca":
+    if name in ("alpaca", "alpaca-hidden"):
+        hidden = name == "alpaca-hidden"
         if data_dir is None:
-            return load_alpaca(seed=seed)
+            return load_alpaca(seed=seed, hidden=hidden)
         path = Path(data_dir).expanduser()
         if path.is_dir():
             found = sorted(path.glob("*.json"))
             if not found:
                 raise FileNotFoundError(f"{path} holds no Alpaca .json file")
             path = found[0]
-        return load_alpaca(path, seed=seed)
+        return load_alpaca(path, seed=seed, hidden=hidden)
     if name == "synthetic":
         return load_synthetic(seed=seed)
+    if name == "groups":
+        return load_groups(seed=seed)
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
 
 

@@ -93,10 +93,15 @@ class Protocol:
         ).logits
 
     def loss_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed loss, number of scored targets) of one batch: next-token NLL of every scored label."""
+        """(summed loss, number of scored targets) of one batch."""
+        sums, counts = self.row_terms(logits, labels)
+        return sums.sum(), counts.sum()
+
+    def row_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) summed loss and (B,) number of scored targets of each row: next-token NLL of every scored label."""
         target = labels[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE, reduction="sum")
-        return nll, (target != IGNORE).sum()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE, reduction="none")
+        return nll.sum(1), (target != IGNORE).sum(1)
 
     def split_loss(self, sums: list[float], counts: list[int]) -> float:
         """A split's loss from its batches' :meth:`loss_terms`: the mean over every scored token."""
@@ -179,12 +184,12 @@ class PaperProtocol(Protocol):
         batch["attention_mask"] = (batch["input_ids"] != PAPER_IGNORE_ID).long()
         return batch
 
-    def loss_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def row_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last position, no shift: the target is the token the model has just read."""
         target = labels[:, -1]
         scored = (target != PAPER_IGNORE_ID) & (target != IGNORE)
         nll = F.cross_entropy(logits[:, -1].float(), target.clamp(min=0), reduction="none")
-        return (nll * scored).sum(), scored.sum()
+        return nll * scored, scored.long()
 
     def split_loss(self, sums: list[float], counts: list[int]) -> float:
         """The mean of per-batch means, as published."""

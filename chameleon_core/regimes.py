@@ -3,7 +3,9 @@
 - ``base``: the unadapted model.
 - ``lora-head``: static LoRA on the output head only (what the published "Traditional LoRA" trained).
 - ``lora``: static LoRA on the transformer projections and the head (what the paper describes).
-- ``chameleon``: static LoRA on the projections, hyper-LoRA on the head (ChameleonLLM).
+- ``chameleon``: static LoRA on the projections, hyper-LoRA on the head (ChameleonLLM as the paper describes it).
+- ``chameleon-head``: the hyper-LoRA head alone, no layer LoRA: ChameleonLLM as the published code trains it
+  (its LoRA wraps ``nn.Linear`` only, and GPT-2's projections are ``Conv1D``), beside ``lora-head``.
 - ``lora-matched``: ``lora`` at the rank that gives about as many trainable parameters as ``chameleon``.
 - ``chameleon-constant``: ``chameleon`` with one learned vector, not the conditioning, as the hyper-network's
   input: the same architecture and one more vector of parameters, without the conditioning.
@@ -27,7 +29,8 @@ from .lora import (
 # scale the update swamps the base weights (published LoRA scales are 0.25 to 16), and near float32's
 # range it overflows.
 MAX_SCALE = 1000.0
-REGIMES = ("base", "lora-head", "lora", "chameleon", "lora-matched", "chameleon-constant", "lora-per-cluster")
+REGIMES = ("base", "lora-head", "lora", "chameleon", "chameleon-head", "lora-matched", "chameleon-constant", "lora-per-cluster")
+HEAD_ONLY = ("lora-head", "chameleon-head")  # no layer LoRA
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
         p.requires_grad_(False)
     if config.regime == "base":
         return RegimeReport(config)
-    if config.regime != "lora-head":  # the head alone needs no layer targets
+    if config.regime not in HEAD_ONLY:  # the head alone needs no layer targets
         config = replace(config, targets=tuple(config.targets or default_targets(model)))
     if config.regime == "lora-matched" and not config.matched_rank:
         config = replace(config, matched_rank=choose_matched_rank(model, config))
@@ -152,10 +155,10 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
         config = replace(config, clusters=1)
     report = RegimeReport(config)
     r, alpha = config.lora_rank, config.lora_alpha
-    if config.regime != "lora-head":
+    if config.regime not in HEAD_ONLY:
         report.layer_modules = inject_lora(model, config.targets, r, alpha, config.init)
     name = output_head_name(model)
-    if config.regime in ("chameleon", "chameleon-constant"):
+    if config.regime in ("chameleon", "chameleon-head", "chameleon-constant"):
         head = HyperLoRAHead(
             model.get_submodule(name), model.get_input_embeddings().embedding_dim, config.rank, config.alpha,
             config.hyper_hidden, config.hyper_dropout, constant=config.regime == "chameleon-constant",

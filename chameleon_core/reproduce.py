@@ -17,11 +17,13 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
+from .paired import DELTA, describe, paired_difference, read_rows
 from .train import TrainConfig, finished_run, train
 
 HEADLINE = {
     "base": {"regime": "base"},
     "lora-head": {"regime": "lora-head"},
+    "chameleon-head": {"regime": "chameleon-head"},
     "lora": {"regime": "lora"},
     "chameleon": {"regime": "chameleon"},
 }
@@ -29,16 +31,30 @@ ABLATIONS = {
     "lora-matched": {"regime": "lora-matched"},
     "chameleon-constant": {"regime": "chameleon-constant"},
     "lora-per-cluster": {"regime": "lora-per-cluster"},
+    "chameleon, no hyper dropout": {"regime": "chameleon", "hyper_dropout": 0.0},
+    "chameleon-constant, no hyper dropout": {"regime": "chameleon-constant", "hyper_dropout": 0.0},
     "chameleon, random batches": {"regime": "chameleon", "sampler": "random"},
     "chameleon, per-example conditioning": {"regime": "chameleon", "conditioning": "example"},
     "chameleon, centroid conditioning": {"regime": "chameleon", "conditioning": "centroid"},
 }
-SHUFFLED = "chameleon, shuffled conditioning (eval only)"
+# rows that only some datasets have: the hidden-condition control's ceiling reads the instruction it hides
+DATASET_ROWS = {"alpaca-hidden": {"lora, instruction visible (ceiling)": {"regime": "lora", "dataset": "alpaca"}}}
+SHUFFLED = "chameleon, shuffled conditioning (eval only)"  # shuffled_row("chameleon")
+SHUFFLED_ROWS = ("chameleon", "chameleon-head", "chameleon, no hyper dropout")  # each gets a shuffled twin
+
+
+def shuffled_row(name: str) -> str:
+    """The row of ``name``'s runs evaluated with another cluster's centroid as condition."""
+    return f"{name}, shuffled conditioning (eval only)"
+
+
 DESCRIPTIONS = {
     "base": "the unadapted model",
     "lora-head": "static LoRA on the head only (the published \"Traditional LoRA\")",
     "lora": "static LoRA on every transformer projection and the head (the paper's description)",
     "lora-matched": "static LoRA on projections and head at the rank that matches chameleon's parameter count",
+    "chameleon-head": "the hyper-LoRA head alone, no layer LoRA: ChameleonLLM as the published code trains it "
+                      "(the published \"ChameleonLLM\" row)",
     "chameleon": "static LoRA on projections + hyper-LoRA head conditioned on the batch mean (ChameleonLLM)",
     "chameleon-constant": "chameleon whose hyper-network reads one learned vector instead of the batch: the same "
                           "architecture (plus that vector) without conditioning, one adapter for every batch",
@@ -47,7 +63,11 @@ DESCRIPTIONS = {
     "chameleon, random batches": "chameleon trained and evaluated on random (not cluster-homogeneous) batches",
     "chameleon, per-example conditioning": "chameleon with one generated adapter per row",
     "chameleon, centroid conditioning": "chameleon conditioned on each row's training-cluster centroid",
-    SHUFFLED: "the trained chameleon evaluated with another cluster's centroid as condition",
+    "chameleon, no hyper dropout": "chameleon with the hyper-network's dropout 0 instead of the published 0.5",
+    "chameleon-constant, no hyper dropout": "chameleon-constant with the hyper-network's dropout 0",
+    "lora, instruction visible (ceiling)": "lora on Alpaca with the instruction in the model's input, as usual",
+    SHUFFLED: "the trained chameleon evaluated with another cluster's centroid as condition (likewise for every "
+              "conditioned row: `<row>, shuffled conditioning (eval only)`)",
 }
 # TrainConfig settings that ``--profile`` starts from (options given on the command line win).
 PROFILES = {
@@ -68,9 +88,12 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def planned_rows(seeds: list[int], ablation_seeds: list[int], k_sweep: list[int]) -> dict[str, tuple[dict, list[int]]]:
+def planned_rows(
+    seeds: list[int], ablation_seeds: list[int], k_sweep: list[int], dataset: str = "",
+) -> dict[str, tuple[dict, list[int]]]:
     rows = {name: (overrides, [0] if name == "base" else seeds) for name, overrides in HEADLINE.items()}
     rows.update({name: (overrides, ablation_seeds) for name, overrides in ABLATIONS.items()})
+    rows.update({name: (overrides, seeds) for name, overrides in DATASET_ROWS.get(dataset, {}).items()})
     rows.update({f"chameleon, k={k}": ({"regime": "chameleon", "k": k}, ablation_seeds) for k in k_sweep})
     return rows
 
@@ -90,7 +113,7 @@ def reproduce(
     the others are only gathered, so a few rows can get more seeds without rerunning the grid.
     Rows are reported with the seeds that finished; a row with none is listed as not run.
     """
-    grid = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep))
+    grid = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep), base.dataset)
     if only is not None and (unknown := only - {f"{p}/{_slug(name)}" for p in protocols for name in grid}):
         raise ValueError(f"--only names rows that are not in the grid: {', '.join(sorted(unknown))}")
     out = Path(out)
@@ -98,6 +121,7 @@ def reproduce(
     results = {"setup": {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")}, "protocols": {}}
     for protocol in protocols:
         table, curves, diversity, not_run, first = {}, {}, {}, [], None  # first: a finished run, for the split's facts
+        per_row = {}  # row -> seed -> that run's per-row losses (runs that saved them)
         timed = []  # every finished run's wall time (runs recorded before it was measured have none)
         for name, (overrides, row_seeds) in grid.items():
             runs = []
@@ -118,16 +142,21 @@ def reproduce(
             timed += [r.get("wall_seconds") for r in runs]
             table[name] = _row(runs)
             curves[name] = runs[0]["history"]
-            if name == "chameleon":
-                table[SHUFFLED] = _row(runs, "eval_shuffled_condition")
+            folders = {r["config"]["seed"]: out / "runs" / protocol / _slug(name) / f"seed{r['config']['seed']}" for r in runs}
+            per_row[name] = _saved_rows(folders, "eval")
+            if name in SHUFFLED_ROWS:
+                table[shuffled_row(name)] = _row(runs, "eval_shuffled_condition")
+                per_row[shuffled_row(name)] = _saved_rows(folders, "eval_shuffled_condition")
             if found := [r["adapter_diversity"] for r in runs if "adapter_diversity" in r]:
                 diversity[name] = _diversity(found)
         if first is None:
             continue
         results["protocols"][protocol] = {
-            "eval_split": first["eval_split"], "rows": first["rows"], "dropped_rows": first["dropped_rows"],
+            "eval_split": first["eval_split"], "rows": first["rows"], "eval_targets": first["eval"].get("targets"),
+            "dropped_rows": first["dropped_rows"],
             "k": first["k"], "padding_share": first["padding_share"], "table": table, "curves": curves, "not_run": not_run,
             "adapter_diversity": diversity, "run_seconds": timed if None not in timed else None,
+            "paired": paired_comparisons(table, per_row),
         }
         if "base" in table:
             results["model_parameters"] = table["base"]["total_parameters"]
@@ -137,10 +166,17 @@ def reproduce(
     return results
 
 
+def _saved_rows(folders: dict[int, Path], key: str) -> dict[int, dict]:
+    """seed -> the per-row losses its run saved under ``key``; runs recorded before they were saved are left out."""
+    return {seed: rows for seed, folder in folders.items() if (rows := read_rows(folder, key)) is not None}
+
+
 def _row(runs: list[dict], eval_key: str = "eval") -> dict:
     return {
         "trainable_parameters": runs[0]["trainable_parameters"],
         "total_parameters": runs[0]["total_parameters"],
+        "steps": _stats([sum(len(h.get("step_losses", [])) for h in r["history"]) for r in runs]),
+        "train_rows": runs[0]["rows"].get("train"),
         "train_loss": _stats([r["train_loss"] for r in runs]),
         "val_loss": _stats([r[eval_key]["loss"] for r in runs]),
         "val_ppl": _stats([r[eval_key]["ppl"] for r in runs]),
@@ -154,6 +190,8 @@ DIVERSITY = ("mean_cosine", "min_cosine", "relative_spread", "mean_norm")
 def _diversity(found: list[dict]) -> dict:
     """:func:`~chameleon_core.hyper_head.adapter_diversity` of each seed's run, as mean ± std over seeds."""
     stats = {key: _stats(values) for key in DIVERSITY if (values := [d[key] for d in found if d[key] is not None])}
+    if "min_cosine" in stats:  # the lowest cosine of any two clusters in any seed
+        stats["min_cosine"] = {**stats["min_cosine"], "lowest": min(d["min_cosine"] for d in found if d["min_cosine"] is not None)}
     return {"clusters": found[0]["clusters"], **stats}
 
 
@@ -168,26 +206,42 @@ COMPARISONS = (
     ("chameleon, random batches", "chameleon", "random batches vs cluster-homogeneous batches"),
     ("chameleon, per-example conditioning", "chameleon", "one adapter per row vs one per batch"),
     ("chameleon, centroid conditioning", "chameleon", "the cluster's centroid vs the batch mean as condition"),
+    ("chameleon-head", "lora-head", "the published ChameleonLLM (hyper-LoRA head alone) vs the published head-only LoRA"),
+    (shuffled_row("chameleon-head"), "chameleon-head", "published ChameleonLLM: another cluster's adapter vs its own"),
+    ("chameleon, no hyper dropout", "chameleon", "hyper-network dropout 0 vs the published 0.5"),
+    ("chameleon, no hyper dropout", "chameleon-constant, no hyper dropout",
+     "without dropout: the conditioned hyper-network vs the same one with a constant input"),
+    ("chameleon, no hyper dropout", "lora-per-cluster", "without dropout: generated adapters vs one static head LoRA per cluster"),
+    (shuffled_row("chameleon, no hyper dropout"), "chameleon, no hyper dropout",
+     "without dropout: another cluster's adapter vs the batch's own"),
+    ("chameleon", "lora, instruction visible (ceiling)", "ChameleonLLM, instruction hidden, vs static LoRA reading it"),
 )
 
 
-def comparisons(table: dict) -> list[str]:
-    """One line per comparison whose two rows both ran: the difference of mean validation losses.
-
-    A difference no larger than the larger seed standard deviation of the two rows (of those run
-    with several seeds) is called within the seed spread: the seeds alone move the loss that much.
-    """
-    lines = []
+def paired_comparisons(table: dict, per_row: dict[str, dict[int, dict]]) -> list[dict]:
+    """Every comparison whose two rows ran: the difference of mean losses and, where both rows saved per-row
+    losses, its paired bootstrap interval (``paired``; None where they did not)."""
+    found = []
     for row, reference, question in COMPARISONS:
         if row not in table or reference not in table:
             continue
+        paired = paired_difference(per_row.get(row, {}), per_row.get(reference, {}))
+        found.append({"row": row, "reference": reference, "question": question,
+                      "diff": table[row]["val_loss"]["mean"] - table[reference]["val_loss"]["mean"], "paired": paired})
+    return found
+
+
+def comparisons(table: dict, paired: list[dict]) -> list[str]:
+    """One line per comparison of :func:`paired_comparisons`: the two mean losses and the paired difference
+    with its 95 % interval and verdict, or, for runs that saved no per-row losses, the plain difference."""
+    lines = []
+    for found in paired:
+        row, reference = found["row"], found["reference"]
         a, b = table[row]["val_loss"], table[reference]["val_loss"]
-        diff, spread = difference(table, row, reference)
-        said = verdict(diff, spread)
-        if said == "within":
-            said = f"within the seed spread of ± {spread:.4f}"
+        said = f"paired difference {describe(found['paired'])}" if found["paired"] else (
+            f"difference of means {found['diff']:+.4f}, not paired: these runs saved no per-row losses")
         params = f"{table[row]['trainable_parameters']:,} vs {table[reference]['trainable_parameters']:,} trainable"
-        lines.append(f"- {question}: val loss {a['mean']:.4f} vs {b['mean']:.4f}, {diff:+.4f} ({said}); {params}")
+        lines.append(f"- {found['question']}: val loss {a['mean']:.4f} vs {b['mean']:.4f}; {said}; {params}")
     return lines
 
 
@@ -222,12 +276,15 @@ def _fmt(stat: dict, digits: int = 4) -> str:
 def results_markdown(results: dict) -> str:
     """The paper-style tables, one per protocol, with the facts needed to read them."""
     setup = results["setup"]
-    train_rows = next((b["rows"].get("train") for b in results["protocols"].values()), None)
-    sizes = f"{train_rows:,} training rows" if train_rows is not None else "training rows: none finished"
+    epochs = _count(setup["epochs"], "epoch")
+    if setup.get("patience"):
+        epochs = (f"up to {epochs}, stopped once the validation loss had not improved for {_count(setup['patience'], 'epoch')} "
+                  "(the best epoch's adapters are kept)")
     lines = [
-        f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {_count(setup['epochs'], 'epoch')}, batch {setup['batch_size']}, "
+        f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {epochs}, batch {setup['batch_size']}, "
         f"rank {setup['rank']}, alpha {setup['alpha']:g} (scale alpha / rank = {setup['alpha'] / setup['rank']:g}), "
-        f"lr {setup['lr']}; {sizes} of at most {setup['max_length']} tokens. Mean ± std over seeds where n > 1.",
+        f"hyper-network dropout {setup['hyper_dropout']:g}, lr {setup['lr']}; rows of at most {setup['max_length']} tokens. "
+        "Mean ± std over seeds where n > 1; steps: optimizer steps per run.",
         "",
     ]
     timed = [b["run_seconds"] for b in results["protocols"].values() if b.get("run_seconds") is not None]
@@ -240,27 +297,38 @@ def results_markdown(results: dict) -> str:
               "causal": "Correct protocol (`causal`): next-token loss, padding masked, no target leakage"}
     for protocol, block in results["protocols"].items():
         lines += [f"### {titles.get(protocol, protocol)}", ""]
-        facts = f"Evaluated on the `{block['eval_split']}` split ({block['rows'][block['eval_split']]:,} rows); {block['k']} training clusters."
+        facts = (f"Trained on {block['rows']['train']:,} rows, evaluated on the `{block['eval_split']}` split "
+                 f"({block['rows'][block['eval_split']]:,} rows); {block['k']} training clusters.")
         if block["padding_share"]:
             share = block["padding_share"][block["eval_split"]]
             facts += f" **{share:.1%} of the scored targets are padding** (EOS predicted from EOS)."
         if any(block["dropped_rows"].values()):
             facts += " Rows too short to score were dropped: " + ", ".join(f"{k} {v:,}" for k, v in block["dropped_rows"].items()) + "."
-        lines += [facts, "", "| Regime | Trainable params | Train loss | Val loss | Val ppl | Seeds |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [facts, "", "| Regime | Trainable params | Steps | Train loss | Val loss | Val ppl | Seeds |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for name, row in block["table"].items():
             ppl_digits = 2 if row["val_ppl"]["mean"] < 1e5 else 0
+            steps = _fmt(row["steps"], 0) if "steps" in row else "-"
             lines.append(
-                f"| {name} | {row['trainable_parameters']:,} | {_fmt(row['train_loss'])} | {_fmt(row['val_loss'])} | "
+                f"| {name} | {row['trainable_parameters']:,} | {steps} | {_fmt(row['train_loss'])} | {_fmt(row['val_loss'])} | "
                 f"{_fmt(row['val_ppl'], ppl_digits)} | {len(row['seeds'])} |"
             )
+        if odd := {name: row["train_rows"] for name, row in block["table"].items()
+                   if row.get("train_rows", block["rows"]["train"]) != block["rows"]["train"]}:
+            lines += ["", "Trained on other rows: " + "; ".join(f"{name} {rows:,}" for name, rows in odd.items()) + "."]
         if block.get("not_run"):
             lines += ["", "Not run (no finished seed): " + "; ".join(block["not_run"]) + "."]
         if block.get("adapter_diversity"):
             lines += ["", *diversity_markdown(block["adapter_diversity"])]
-        if found := comparisons(block["table"]):
-            lines += ["", "Comparisons (differences of mean validation loss; lower is better):", "", *found]
+        if found := comparisons(block["table"], block.get("paired", [])):
+            statistic = ("the mean loss over the rows whose last position is scored (the table's figure is a mean "
+                         "of per-batch means)" if protocol == "paper" else "the mean loss per scored token")
+            lines += ["", f"Comparisons (lower is better). The paired difference is that of {statistic}, row by row "
+                      f"and seed by seed, with a bootstrap 95 % interval over rows and seeds; *equivalent* means the "
+                      f"whole interval lies within ±{DELTA:g} nats:", "", *found]
         lines.append("")
-    lines += ["Rows:", ""] + [f"- **{name}**: {text}" for name, text in DESCRIPTIONS.items()]
+    shown = {name for block in results["protocols"].values() for name in block["table"]} | {SHUFFLED}
+    lines += ["Rows:", ""] + [f"- **{name}**: {text}" for name, text in DESCRIPTIONS.items() if name in shown]
     return "\n".join(lines) + "\n"
 
 
@@ -271,12 +339,14 @@ def diversity_markdown(diversity: dict) -> list[str]:
         "clusters (each conditioned on its centroid), and their spread `sqrt(mean_c ||dW_c - mean dW||^2) / "
         "mean_c ||dW_c||`. Cosine 1 and spread 0: the same adapter for every cluster.",
         "",
-        "| Regime | Clusters | Mean cosine | Min cosine | Spread / mean norm | Mean norm | Seeds |",
+        "| Regime | Clusters | Mean cosine | Min cosine (lowest over seeds) | Spread / mean norm | Mean norm | Seeds |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in diversity.items():
         # cosines near 1 differ in the 5th digit and beyond: 6 digits tell a near-constant adapter from a constant one
         cells = [_fmt(row[key], 6 if key.endswith("cosine") else 4) if key in row else "-" for key in DIVERSITY]
+        if "min_cosine" in row:
+            cells[1] = f"{row['min_cosine'].get('lowest', row['min_cosine']['mean']):.6f}"
         lines.append(f"| {name} | {row['clusters']:,} | {' | '.join(cells)} | {row['mean_norm']['n']} |")
     return lines
 

@@ -10,6 +10,7 @@ Multi-GPU: ``accelerate launch -m chameleon_core train ...``; each process takes
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .bundle import Points, load_bundle, read_bundle_config, save_bundle
 from .clustering import ClusterBatchSampler, Clusters, RandomBatchSampler, fit_clusters
-from .data import Record, load_dataset_splits
+from .data import INSTRUCTION_DATASETS, Record, load_dataset_splits
 from .hyper_head import adapter_diversity, conditioned, conditioned_head
 from .models import load_model, resolve_device
 from .protocols import Encoded, get_protocol
@@ -36,6 +37,9 @@ from .regimes import AdapterConfig, adapter_state, apply_regime, trainable_param
 
 SAMPLERS = ("cluster", "random")
 POINTS_IN_BUNDLE = 2000
+ROWS_FILE = "rows.json"  # beside metrics.json: every evaluated row's loss, for paired comparisons
+CONDITIONED_REGIMES = ("chameleon", "chameleon-head")  # the regimes whose head reads the condition
+
 MAX_SEED = 2**32 - 1  # NumPy takes 32-bit seeds
 
 
@@ -71,6 +75,7 @@ class TrainConfig:
     transductive: bool | None = None  # cluster the eval split itself; default: the protocol's (paper: yes)
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
+    patience: int | None = None  # stop once validation loss has not improved for this many epochs; keep the best
     device: str = "auto"
 
     def __post_init__(self):
@@ -90,6 +95,7 @@ class TrainConfig:
             ("max_eval_rows", self.max_eval_rows is None or self.max_eval_rows >= 1, "an integer >= 1, or unset (all)"),
             ("seed", 0 <= self.seed <= MAX_SEED, "an integer from 0 to 2**32 - 1"),
             ("data_seed", 0 <= self.data_seed <= MAX_SEED, "an integer from 0 to 2**32 - 1"),
+            ("patience", self.patience is None or self.patience >= 1, "an integer >= 1 epoch, or unset (every epoch)"),
         )
         for name, usable, allowed in limits:
             if not usable:
@@ -160,7 +166,8 @@ def evaluate(
     model, split: Split, config: TrainConfig, clusters: Clusters, pad_id: int, shuffle_condition: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Loss and perplexity of ``split``, aggregated over its batches as the protocol says.
+    """Loss and perplexity of ``split``, aggregated over its batches as the protocol says, and under
+    ``"per_row"`` each row's summed loss and scored targets (row order of ``split``), for paired comparisons.
 
     ``shuffle_condition`` conditions every batch on a *different* cluster's centroid (ablation).
     """
@@ -170,6 +177,7 @@ def evaluate(
     protocol = get_protocol(config.protocol)
     rng = np.random.default_rng(config.seed)
     sums, counts = [], []
+    row_loss, row_targets = np.zeros(len(split.encoded)), np.zeros(len(split.encoded), dtype=int)
     for idx in tqdm(batches(split, config, seed=0), desc=f"eval {split.name}", disable=not progress, leave=False):
         cond = None
         if shuffle_condition:
@@ -178,13 +186,27 @@ def evaluate(
             cond = clusters.centroids[other].expand(len(idx), -1)
         batch = {k: v.to(device) for k, v in protocol.collate(split.encoded, idx, pad_id).items()}
         with _conditioned(model, split, idx, config, clusters, cond):
-            loss_sum, n = protocol.loss_terms(protocol.forward_logits(model, batch), batch["labels"])
-        if int(n):
-            sums.append(float(loss_sum))
-            counts.append(int(n))
+            row_sums, row_counts = protocol.row_terms(protocol.forward_logits(model, batch), batch["labels"])
+        row_loss[idx], row_targets[idx] = row_sums.cpu().double().numpy(), row_counts.cpu().numpy()
+        if n := int(row_counts.sum()):
+            sums.append(float(row_sums.sum()))
+            counts.append(n)
     model.train(was_training)
     loss = protocol.split_loss(sums, counts)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "targets": sum(counts), "rows": len(split.encoded)}
+    per_row = {"keys": row_keys(split.encoded.texts), "loss": row_loss.tolist(), "targets": row_targets.tolist()}
+    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "targets": sum(counts), "rows": len(split.encoded), "per_row": per_row}
+
+
+def row_keys(texts: list[str]) -> list[str]:
+    """One key per row that names its record across runs (its conditioning text, hashed; repeats numbered),
+    so that two runs' rows pair up even where one run dropped rows the other kept."""
+    seen: dict[str, int] = {}
+    keys = []
+    for text in texts:
+        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+        seen[digest] = seen.get(digest, -1) + 1
+        keys.append(f"{digest}-{seen[digest]}")
+    return keys
 
 
 def eval_split_name(splits: dict[str, list[Record]]) -> str:
@@ -225,7 +247,7 @@ def prepare(config: TrainConfig, model, tokenizer) -> tuple[Split, Split, Split,
         "padding_share": {name: split.encoded.padding_share for name, split in every.items()
                           if split.encoded.padding_share is not None},
         "embedding": get_protocol(config.protocol).embedding_settings(
-            config.dataset == "alpaca", config.max_length, config.context_tokens
+            config.dataset in INSTRUCTION_DATASETS, config.max_length, config.context_tokens
         ),
     }
     return every["train"], held["validation"], held[eval_name], clusters, info
@@ -285,6 +307,7 @@ def train(
     pad_id = tokenizer.pad_token_id
     protocol = get_protocol(config.protocol)
     history, start_epoch = [], 0
+    best = None  # with patience: {"epoch", "val" (its evaluation), "adapter"} of the lowest validation loss so far
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr) if params else None
     checkpoint = out / "checkpoint.pt"
@@ -292,15 +315,17 @@ def train(
         model.load_state_dict(state["adapter"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        history, start_epoch = state["history"], state["epoch"] + 1
+        history, start_epoch, best = state["history"], state["epoch"] + 1, state.get("best")
     if overwrite and accelerator.is_main_process:  # the replaced run's records go once this run starts
-        for name in ("checkpoint.pt", "metrics.json", "metrics.csv"):
+        for name in ("checkpoint.pt", "metrics.json", "metrics.csv", ROWS_FILE):
             (out / name).unlink(missing_ok=True)
     if optimizer is not None:
         model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     epochs = config.epochs if params else 0
     for epoch in range(start_epoch, epochs):
+        if best is not None and epoch - best["epoch"] >= config.patience:
+            break  # no better validation loss for `patience` epochs
         model.train()
         started, losses = time.time(), []
         epoch_batches = batches(train_split, config, config.seed, epoch, accelerator.process_index, accelerator.num_processes)
@@ -325,11 +350,16 @@ def train(
             report(0.1 + 0.85 * (epoch + (step + 1) / len(epoch_batches)) / epochs, f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.3f}")
         val = evaluate(core, val_split, config, clusters, pad_id)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val["loss"], "val_ppl": val["ppl"], "seconds": time.time() - started, "step_losses": losses})
+        if config.patience and (best is None or val["loss"] < best["val"]["loss"]):
+            best = {"epoch": epoch + 1, "val": val, "adapter": {k: v.clone() for k, v in adapter_state(core).items()}}
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"config": _config_dict(config), "epoch": epoch, "adapter": adapter_state(core), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history}, tmp)
+            torch.save({"config": _config_dict(config), "epoch": epoch, "adapter": adapter_state(core), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history, "best": best}, tmp)
             tmp.replace(checkpoint)
+    if best is not None:  # early stopping: the best epoch's adapters are the run's
+        core.load_state_dict(best["adapter"], strict=False)
+        val = best["val"]
     report(0.95, "evaluating")
     # the last epoch's validation pass already scored the evaluation split when the two are one split
     ran_last_epoch = start_epoch < epochs
@@ -343,11 +373,15 @@ def train(
         "train_loss": train_loss,
         "eval": final,
         "history": history or [{"epoch": 0, "train_loss": train_loss, "val_loss": final["loss"], "val_ppl": final["ppl"], "seconds": 0.0, "step_losses": []}],
+        "steps": sum(len(h["step_losses"]) for h in history),
         **info,
         "complete": True,
     }
-    if config.regime == "chameleon":
+    if best is not None:
+        result["best_epoch"] = best["epoch"]
+    if config.regime in CONDITIONED_REGIMES:
         result["eval_shuffled_condition"] = evaluate(core, eval_split, config, clusters, pad_id, shuffle_condition=True)
+    rows = {key: result[key].pop("per_row") for key in ("eval", "eval_shuffled_condition") if key in result}
     if (head := conditioned_head(core)) is not None:
         result["adapter_diversity"] = adapter_diversity(head, clusters.centroids)
     result["wall_seconds"] = time.time() - began  # this process's share when the run was resumed
@@ -358,6 +392,7 @@ def train(
         if config.dataset == "alpaca":
             metadata["prompt_template"] = "### Instruction:\n{prompt}\n\n### Response:\n"
         save_bundle(out, core, tokenizer, adapter, clusters, metadata, config.model, points)
+        (out / ROWS_FILE).write_text(json.dumps(rows))
         _write_metrics(out, result)
         checkpoint.unlink(missing_ok=True)
     report(1.0, "done")
@@ -512,6 +547,7 @@ def evaluate_bundle(
     clusters = loaded.clusters or Clusters(torch.zeros(1, dim))
     held = held_out_split(name, splits[name], config, loaded.model, loaded.tokenizer, clusters)
     result = evaluate(loaded.model, held, config, clusters, loaded.tokenizer.pad_token_id, progress=True)
+    result.pop("per_row")
     return {"bundle": str(bundle), "regime": loaded.adapter.regime, "protocol": config.protocol, "split": name,
             **result, "padding_share": held.encoded.padding_share, "dropped_rows": held.encoded.dropped}
 
@@ -526,10 +562,10 @@ def _needs_clusters(config: TrainConfig, regime: str) -> str | None:
     """
     if regime == "lora-per-cluster":
         return "each row uses the head adapter of its nearest trained centroid"
-    if regime == "chameleon" and config.conditioning == "centroid":
+    if regime in CONDITIONED_REGIMES and config.conditioning == "centroid":
         return "the hyper head is conditioned on the trained centroids"
     if config.sampler == "cluster" and not config.is_transductive:
-        if regime == "chameleon":
+        if regime in CONDITIONED_REGIMES:
             return "batches are formed by the trained clusters and the hyper head is conditioned on each batch"
         if get_protocol(config.protocol).loss_depends_on_batches:
             return f"batches are formed by the trained clusters and the {config.protocol} protocol's loss depends on them"

@@ -26,6 +26,8 @@ def test_params_at_gpt2_small_shape_in_a_subprocess():
     assert result["base_parameters"] == 124_439_808
     assert result["regimes"]["chameleon"]["head"] == 6_786_596
     assert result["regimes"]["lora-head"]["trainable"] == 204_100
+    # the published ChameleonLLM row: the hyper-LoRA head alone, no layer LoRA
+    assert result["regimes"]["chameleon-head"] == {"trainable": 6_786_596, "head": 6_786_596, "layers": 0, "lora_rank": 4}
     per_block = (768 + 2304) + (768 + 768) + (768 + 3072) + (3072 + 768)  # c_attn, attn.c_proj, c_fc, mlp.c_proj
     assert result["regimes"]["lora"]["layers"] == 4 * 12 * per_block == 589_824
 

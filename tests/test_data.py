@@ -1,11 +1,16 @@
 """Datasets as Records: WikiText folders, Alpaca JSON, the synthetic corpus, and seeded disjoint splits."""
 
 import json
+import math
+from collections import Counter
 
 import pytest
 
 from chameleon_core import Record, load_alpaca, load_dataset_splits, load_synthetic, load_wikitext
-from chameleon_core.data import DOMAINS, RESPONSE_MARKER, alpaca_record, split_records
+from chameleon_core.data import (
+    DOMAINS, GROUP_PROMPT, GROUPS, RESPONSE_MARKER, WORDS_PER_GROUP, alpaca_record, group_floors, group_records,
+    group_vocabularies, load_groups, split_records,
+)
 
 VALID_ROWS = [f" Sentence number {i} of the validation file .\n" for i in range(30)]
 
@@ -170,3 +175,52 @@ def test_real_alpaca_counts(data_dir):
     assert (len(splits["train"]), len(splits["validation"])) == (4500, 500)  # 5,000 distinct records
     assert not texts(splits["train"]) & texts(splits["validation"])
     assert sum("### Input:" in r.prompt for r in splits["train"] + splits["validation"]) == 1943
+
+
+def test_positive_control_puts_the_group_in_the_condition_and_not_in_the_models_input():
+    vocabularies = group_vocabularies()
+    group_of = {word: g for g, words in enumerate(vocabularies) for word in words}
+    assert len(group_of) == GROUPS * WORDS_PER_GROUP  # disjoint vocabularies
+    records = group_records()
+    assert {r.prompt for r in records} == {GROUP_PROMPT}  # the model's input is the same for every row
+    for r in records:
+        g = int(r.label.removeprefix("group"))
+        assert {group_of[w] for w in r.condition.split()} == {g}  # the condition names the group, alone
+        assert group_of[r.response] == g
+        assert not set(r.condition.split()) & set(r.prompt.split())
+    # the groups are about equally frequent, and the data is seeded
+    counts = [sum(r.label == f"group{g}" for r in records) for g in range(GROUPS)]
+    assert min(counts) > len(records) / GROUPS * 0.8
+    assert group_records() == records and group_records(seed=1) != records
+
+
+def test_positive_control_floors_are_the_entropies_a_predictor_with_and_without_the_condition_reaches():
+    floors = group_floors()
+    assert floors == pytest.approx({"without condition": math.log(128), "with condition": math.log(16)})
+    test = load_groups()["test"]
+    vocabularies = group_vocabularies()
+    union = Counter(r.response for r in load_groups()["train"])
+    total = sum(union.values())
+    without = -sum(math.log(union[r.response] / total) for r in test) / len(test)  # the best constant guess, fitted
+    with_ = -sum(math.log(1 / len(vocabularies[int(r.label.removeprefix('group'))])) for r in test) / len(test)
+    assert with_ == pytest.approx(floors["with condition"])
+    assert without == pytest.approx(floors["without condition"], abs=0.1)
+
+
+def test_positive_control_splits_are_disjoint_and_validation_comes_from_the_training_rows():
+    splits = load_dataset_splits("groups")
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [1836, 204, 360]
+    assert not set(splits["train"]) & set(splits["validation"]) and not set(splits["train"]) & set(splits["test"])
+
+
+def test_hidden_alpaca_holds_the_same_records_with_the_instruction_only_as_condition(tmp_path):
+    path = tmp_path / "alpaca.json"
+    rows = [{"instruction": f"Name fruit number {i}.", "input": "in a list" if i % 2 else "", "output": f"Fruit {i}."}
+            for i in range(20)]
+    path.write_text(json.dumps(rows))
+    visible, hidden = load_dataset_splits("alpaca", path), load_dataset_splits("alpaca-hidden", path)
+    for split in ("train", "validation"):
+        assert [(r.response, r.condition) for r in hidden[split]] == [(r.response, r.condition) for r in visible[split]]
+        assert {r.prompt for r in hidden[split]} == {RESPONSE_MARKER}
+        assert all("fruit number" not in r.prompt and "fruit number" in v.prompt
+                   for r, v in zip(hidden[split], visible[split]))

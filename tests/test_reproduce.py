@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from chameleon_core import reproduce as reproduce_module
 from chameleon_core.report import findings_section, result_sets, write_readme
-from chameleon_core.reproduce import ABLATIONS, HEADLINE, SHUFFLED, comparisons, judge, results_markdown, verdict
+from chameleon_core.reproduce import (
+    ABLATIONS, HEADLINE, SHUFFLED, SHUFFLED_ROWS, comparisons, paired_comparisons, results_markdown, shuffled_row,
+)
 from chameleon_core.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +34,7 @@ def test_reproduce_tiny_writes_both_tables_and_curves(tiny_results):
     results = json.loads((tiny_results / "results.json").read_text())
     assert set(results["protocols"]) == {"paper", "causal"}
     for protocol, block in results["protocols"].items():
-        assert set(block["table"]) == set(HEADLINE) | set(ABLATIONS) | {SHUFFLED}
+        assert set(block["table"]) == set(HEADLINE) | set(ABLATIONS) | {shuffled_row(row) for row in SHUFFLED_ROWS}
         assert (tiny_results / f"curves-{protocol}.html").is_file()
     markdown = (tiny_results / "results.md").read_text()
     assert markdown.count("| lora-head |") == 2 and "of the scored targets are padding" in markdown
@@ -51,8 +54,8 @@ def test_reproduce_tiny_shows_the_copy_task_and_a_real_gain(tiny_results):
 
 def test_reproduce_tiny_measures_how_much_the_cluster_adapters_differ(tiny_results):
     results = json.loads((tiny_results / "results.json").read_text())
-    conditioned_heads = {"chameleon", "chameleon-constant", "lora-per-cluster"} | {
-        name for name in ABLATIONS if name.startswith("chameleon, ")
+    conditioned_heads = {"chameleon", "chameleon-head", "lora-per-cluster"} | {
+        name for name in ABLATIONS if name.startswith(("chameleon, ", "chameleon-constant"))
     }
     for block in results["protocols"].values():
         diversity = block["adapter_diversity"]
@@ -63,7 +66,7 @@ def test_reproduce_tiny_measures_how_much_the_cluster_adapters_differ(tiny_resul
         assert diversity["lora-per-cluster"]["mean_cosine"]["mean"] < 0.99  # each trained on its own cluster
         assert diversity["chameleon"]["relative_spread"]["mean"] > constant["relative_spread"]["mean"]
     markdown = (tiny_results / "results.md").read_text()
-    assert markdown.count("| Regime | Clusters | Mean cosine | Min cosine |") == 2
+    assert markdown.count("| Regime | Clusters | Mean cosine | Min cosine (lowest over seeds) |") == 2
     for block in results["protocols"].values():
         assert f"| chameleon-constant | {block['k']} | 1.000000 | 1.000000 | 0.0000 |" in markdown
 
@@ -89,96 +92,90 @@ def _row(mean: float, std: float = 0.0, n: int = 1, params: int = 10) -> dict:
     return {"val_loss": {"mean": mean, "std": std, "n": n}, "trainable_parameters": params}
 
 
-def test_comparisons_give_the_sign_and_flag_differences_the_seeds_explain():
-    table = {
-        "base": _row(4.0), "lora": _row(3.30, 0.02, 3), "chameleon": _row(3.29, 0.03, 3, params=40),
-        "lora-matched": _row(3.10), SHUFFLED: _row(3.50, 0.01, 3, params=40),
-        "chameleon, per-example conditioning": _row(3.31, params=40), "chameleon, random batches": _row(3.60),
-    }
-    lines = {line.split(":")[0][2:]: line for line in comparisons(table)}
-    assert "-0.7100 (lower)" in lines["ChameleonLLM vs the unadapted model"]
-    assert "-0.0100 (within the seed spread of ± 0.0300)" in lines["ChameleonLLM vs static LoRA at the same rank"]
-    assert "40 vs 10 trainable" in lines["ChameleonLLM vs static LoRA at the same rank"]
-    # a one-seed row is judged by the spread of the row it is compared with
-    assert "+0.1900 (higher)" in lines["ChameleonLLM vs static LoRA with as many parameters"]
-    assert "+0.0200 (within the seed spread of ± 0.0300)" in lines["one adapter per row vs one per batch"]
-    assert "+0.2100 (higher)" in lines["another cluster's adapter vs the batch's own"]
-    assert "+0.3100 (higher)" in lines["random batches vs cluster-homogeneous batches"]
+def _rows(shift: float, n: int = 100) -> dict:
+    """Per-row losses of one run: the same rows for every arm, moved by ``shift`` (plus seeded noise)."""
+    losses = np.random.default_rng(7).uniform(1, 3, n) + shift + np.random.default_rng(int(shift * 1e4) % 97).normal(0, 1e-3, n)
+    return {"keys": [f"r{i}" for i in range(n)], "loss": losses.tolist(), "targets": [1] * n}
+
+
+def _block(table: dict, saved: dict[str, float]) -> dict:
+    """A causal block whose rows named in ``saved`` saved per-row losses (3 seeds) moved by the given shift."""
+    per_row = {name: {seed: _rows(shift) for seed in (0, 1, 2)} for name, shift in saved.items()}
+    return {"table": table, "adapter_diversity": {}, "paired": paired_comparisons(table, per_row)}
+
+
+def test_comparisons_pair_the_rows_that_saved_losses_and_say_which_did_not():
+    table = {"base": _row(4.0), "lora": _row(3.30, 0.02, 3), "chameleon": _row(3.29, 0.03, 3, params=40),
+             "lora-matched": _row(3.10), SHUFFLED: _row(3.50, 0.01, 3, params=40)}
+    block = _block(table, {"lora": 0.0, "chameleon": -0.01, SHUFFLED: -0.008})
+    lines = {line.split(":")[0][2:]: line for line in comparisons(table, block["paired"])}
+    assert "difference of means -0.7100, not paired: these runs saved no per-row losses" in lines["ChameleonLLM vs the unadapted model"]
+    same_rank = lines["ChameleonLLM vs static LoRA at the same rank"]
+    assert "paired difference -0.010" in same_rank and "]: better (3 seeds x 100 rows, paired by seed and row)" in same_rank
+    assert "40 vs 10 trainable" in same_rank
+    assert "]: equivalent within ±0.005" in lines["another cluster's adapter vs the batch's own"]
     assert "the cluster's centroid vs the batch mean as condition" not in lines  # that row did not run
-    # two one-seed rows: no spread to judge by, so the sign is reported as it is
-    assert comparisons({"chameleon": _row(3.0), "base": _row(3.001)})[0].endswith("-0.0010 (lower); 10 vs 10 trainable")
 
 
-def test_verdict_counts_a_difference_equal_to_the_spread_as_within():
-    assert [verdict(d, 0.03) for d in (-0.031, -0.03, 0.0, 0.03, 0.031)] == ["lower", "within", "within", "within", "higher"]
-    assert [verdict(d, None) for d in (-1e-6, 1e-6)] == ["lower", "higher"]  # one seed each: only the direction
-    table = {"chameleon": _row(3.0, 0.01, 3), "lora": _row(3.02), "lora-head": _row(3.005), "base": _row(4.0)}
-    assert [judge(table, "chameleon", ref) for ref in ("lora", "lora-head", "lora-matched")] == ["lower", "within", None]
-    assert judge(table, "lora", "base") is None  # one seed each: no spread to judge by
-
-
-def _results(model: str, table: dict, params: int) -> dict:
-    return {"setup": {"model": model, "dataset": "alpaca"}, "model_parameters": params,
-            "protocols": {"causal": {"table": table, "adapter_diversity": {}}}}
+def _results(model: str, block: dict, params: int) -> dict:
+    return {"setup": {"model": model, "dataset": "alpaca"}, "model_parameters": params, "protocols": {"causal": block}}
 
 
 @pytest.mark.parametrize(
     "constant, per_cluster, words",
-    [(3.10, 3.10, "Batch-aware conditioning helps here: ChameleonLLM beats both"),
-     (3.00, 2.95, "Batch-aware conditioning does not help here: ChameleonLLM beats neither"),
-     (3.10, 2.95, "ChameleonLLM beats the constant-input hyper-network by more than the seed spread, but not one static"),
-     (3.005, 3.10, "ChameleonLLM beats one static head LoRA per cluster by more than the seed spread, but not the constant")],
+    [(0.02, 0.02, "ChameleonLLM beats the constant-input hyper-network and beats one static head LoRA per cluster"),
+     (0.0, -0.02, "ChameleonLLM is equivalent to the constant-input hyper-network and loses to one static head LoRA"),
+     (0.004, 0.0, "ChameleonLLM is equivalent to the constant-input hyper-network and is equivalent to one static")],
 )
-def test_findings_answer_the_conditioning_question_from_the_numbers(tmp_path, constant, per_cluster, words):
+def test_findings_answer_the_conditioning_question_from_the_paired_verdicts(tmp_path, constant, per_cluster, words):
     table = {"base": _row(4.0), "lora": _row(3.3, 0.02, 3), "chameleon": _row(3.0, 0.01, 3, params=40),
-             "chameleon-constant": _row(constant, 0.01, 3, params=41), "lora-per-cluster": _row(per_cluster, 0.01, 3),
+             "chameleon-constant": _row(3.0 + constant, 0.01, 3, params=41), "lora-per-cluster": _row(3.0 + per_cluster, 0.01, 3),
              "lora-matched": _row(2.9, 0.01, 3, params=40)}
-    for name, results in (("a-tiny", _results("tiny", {"base": _row(5.0), "chameleon": _row(4.0)}, params=10)),
-                          ("b-big", _results("big", table, params=1000)),
-                          ("c-started", _results("started", {"base": _row(5.0)}, params=10))):
+    saved = {"chameleon": 0.0, "chameleon-constant": constant, "lora-per-cluster": per_cluster, "lora-matched": -0.1}
+    for name, results in (("a-tiny", _results("tiny", _block({"base": _row(5.0), "chameleon": _row(4.0)}, {}), params=10)),
+                          ("b-big", _results("big", _block(table, saved), params=1000)),
+                          ("c-started", _results("started", _block({"base": _row(5.0)}, {}), params=10))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
     text = findings_section(result_sets(tmp_path))
-    assert words in text and "; static LoRA with as many parameters beats it by more than the seed spread." in text
-    assert "4 of 5 trained rows score below" not in text and "5 of 5 trained rows score below" in text
+    assert words in text and "; it loses to static LoRA with as many parameters (paired 95 % intervals" in text
+    assert "5 of 5 trained rows score below" in text
     assert text.index("`big`") < text.index("`tiny`")  # the larger model first
     assert "The conditioning question waits for rows that have not run yet" in text  # the small set lacks them
     assert "- **`started`, alpaca:** only the unadapted model has run so far." in text
-    assert "0.3000 lower (beyond the seed spread ± 0.0200)" in text  # chameleon vs same-rank lora
-    for matched, expected in ((3.005, "; it is within the seed spread of static LoRA with as many parameters."),
-                              (3.1, "; it beats static LoRA with as many parameters by more than the seed spread.")):
-        table["lora-matched"] = _row(matched, 0.01, 3, params=40)
-        (tmp_path / "b-big" / "results.json").write_text(json.dumps(_results("big", table, params=1000)))
-        assert expected in findings_section(result_sets(tmp_path))
 
 
-def test_findings_call_nothing_from_one_seed_each(tmp_path):
-    table = {"base": _row(4.0), "chameleon": _row(3.0, params=40), "chameleon-constant": _row(3.01, params=41),
-             "lora-per-cluster": _row(2.5), "lora-matched": _row(3.02, params=40)}
+def test_findings_say_runs_without_per_row_losses_are_not_judged(tmp_path):
+    table = {"base": _row(4.0), "chameleon": _row(3.0, 0.01, 3, params=40), "chameleon-constant": _row(3.01, 0.01, 3),
+             "lora-per-cluster": _row(2.5, 0.01, 3)}
     (tmp_path / "one").mkdir()
-    (tmp_path / "one" / "results.json").write_text(json.dumps(_results("one", table, params=10)))
+    (tmp_path / "one" / "results.json").write_text(json.dumps(_results("one", _block(table, {}), params=10)))
     text = findings_section(result_sets(tmp_path))
-    assert ("With one seed of each row there is no seed spread to judge by yet; ChameleonLLM's validation loss "
-            "differs by -0.0100 vs the constant-input hyper-network, +0.5000 vs one static head LoRA per cluster, "
-            "-0.0200 vs static LoRA with as many parameters.") in text
-    assert "beats" not in text and "0.0100 lower (1 seed each)" in text
+    assert "No paired verdict on conditioning: these runs saved no per-row losses (*)." in text
+    assert "| -0.0100 (not paired*) |" in text and text.endswith("rerunning them gives the paired interval.\n")
+    assert "beats" not in text and "within the seed spread" not in text
 
 
 def test_published_protocol_line_gives_the_padding_share_and_the_shuffled_condition(tmp_path):
-    table = {"base": _row(6.0), "chameleon": _row(0.5, 0.01, 3), SHUFFLED: _row(1.0, 0.02, 3), "lora-matched": _row(0.03)}
-    results = _results("big", {}, params=10)
-    results["protocols"]["paper"] = {"table": table, "padding_share": {"test": 0.615}, "eval_split": "test"}
+    table = {"base": _row(6.0), "chameleon": _row(0.5, 0.01, 3), SHUFFLED: _row(1.0, 0.02, 3), "lora-matched": _row(0.03),
+             "lora-head": _row(2.0), "chameleon-head": _row(1.5, params=6_786_596), shuffled_row("chameleon-head"): _row(1.6)}
+    results = _results("big", _block({}, {}), params=10)
+    paper = _block(table, {"chameleon": 0.0, SHUFFLED: 0.5, "lora-head": 0.0, "chameleon-head": -0.5,
+                           shuffled_row("chameleon-head"): -0.4})
+    results["protocols"]["paper"] = {**paper, "padding_share": {"test": 0.615}, "eval_split": "test"}
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "results.json").write_text(json.dumps(results))
+    text = findings_section(result_sets(tmp_path))
     assert ("- Published protocol, `big`, alpaca: **61.5% of the scored targets are padding**; validation loss base "
-            "6.0000, chameleon 0.5000, lora-matched 0.0300; another cluster's adapter: 0.5000 higher (beyond the seed "
-            "spread ± 0.0200).") in findings_section(result_sets(tmp_path))
+            "6.0000, chameleon 0.5000, lora-matched 0.0300; another cluster's adapter: +0.5000 [") in text
+    assert ("The published configuration (ChameleonLLM = the hyper-LoRA head alone, 6,786,596 parameters, vs head-only "
+            "LoRA, 10): 1.5000 vs 2.0000, -0.5000 [") in text
 
 
 def _fake_run(config) -> dict:
     result = {"loss": 3.0 + config.seed / 10, "ppl": 20.0}
     return {"config": {"seed": config.seed}, "trainable_parameters": 1, "total_parameters": 2, "train_loss": 3.5,
-            "eval": result, "eval_shuffled_condition": result, "history": [], "eval_split": "test", "rows": {"test": 4},
+            "eval": result, "eval_shuffled_condition": result, "history": [], "eval_split": "test", "rows": {"train": 8, "test": 4},
             "dropped_rows": {}, "k": 2, "padding_share": None}
 
 

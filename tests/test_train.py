@@ -211,3 +211,35 @@ def test_a_loss_that_becomes_non_finite_stops_the_run_instead_of_finishing_it(tm
                                                r"\(lr 1e\+30, alpha 4\); nothing was saved as finished"):
         train(config, tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_every_evaluation_saves_per_row_losses_that_add_up_to_the_split_loss(tmp_path):
+    result = train(TrainConfig(**TINY, regime="chameleon", epochs=1), tmp_path / "run", show_progress=False)
+    saved = json.loads((tmp_path / "run" / "rows.json").read_text())
+    assert set(saved) == {"eval", "eval_shuffled_condition"} and "per_row" not in result["eval"]
+    for key in saved:
+        rows = saved[key]
+        assert len(rows["keys"]) == len(rows["loss"]) == len(rows["targets"]) == result[key]["rows"]
+        assert sum(rows["targets"]) == result[key]["targets"]
+        assert sum(rows["loss"]) / sum(rows["targets"]) == pytest.approx(result[key]["loss"], rel=1e-5)
+    assert saved["eval"]["keys"] == saved["eval_shuffled_condition"]["keys"]  # the same rows, pairable
+    assert saved["eval"]["loss"] != saved["eval_shuffled_condition"]["loss"]
+
+
+def test_patience_stops_when_validation_stops_improving_and_keeps_the_best_epoch(tmp_path, monkeypatch):
+    import chameleon_core.train as training
+
+    two_epochs = train(TrainConfig(**TINY, regime="lora", epochs=2), tmp_path / "two", show_progress=False)
+    real, losses = training.evaluate, iter([3.0, 2.0, 2.5, 2.6, 1.0, 1.0])  # validation improves, then stops
+
+    def scripted(model, split, *args, **kwargs):
+        result = real(model, split, *args, **kwargs)
+        return {**result, "loss": next(losses)} if split.name == "validation" else result
+
+    monkeypatch.setattr(training, "evaluate", scripted)
+    result = train(TrainConfig(**TINY, regime="lora", epochs=6, patience=2), tmp_path / "run", show_progress=False)
+    assert [h["val_loss"] for h in result["history"]] == [3.0, 2.0, 2.5, 2.6]  # two epochs without a better loss
+    assert result["best_epoch"] == 2 and result["steps"] == 4 * len(result["history"][0]["step_losses"])
+    assert result["eval"]["loss"] == pytest.approx(two_epochs["eval"]["loss"], abs=1e-6)  # epoch 2's adapters, kept
+    with pytest.raises(ValueError, match=r"patience \(--patience\) must be an integer >= 1"):
+        TrainConfig(patience=0)
