@@ -245,29 +245,6 @@ def comparisons(table: dict, paired: list[dict]) -> list[str]:
     return lines
 
 
-def difference(table: dict, row: str, reference: str) -> tuple[float, float | None]:
-    """``row``'s mean validation loss minus ``reference``'s, and the larger seed std of the two (None: one seed each)."""
-    a, b = table[row]["val_loss"], table[reference]["val_loss"]
-    return a["mean"] - b["mean"], max((stat["std"] for stat in (a, b) if stat["n"] > 1), default=None)
-
-
-def verdict(diff: float, spread: float | None) -> str:
-    """``"within"`` when a loss difference is no larger than the seed spread, else ``"lower"`` or ``"higher"``
-    (with one seed each there is no spread, so only the direction is said)."""
-    if spread is not None and abs(diff) <= spread:
-        return "within"
-    return "lower" if diff < 0 else "higher"
-
-
-def judge(table: dict, row: str, reference: str) -> str | None:
-    """:func:`verdict` on two rows of a table; None when either has not run or both ran with one seed, since
-    without a spread a difference cannot be told from what the seeds alone do."""
-    if row not in table or reference not in table:
-        return None
-    diff, spread = difference(table, row, reference)
-    return None if spread is None else verdict(diff, spread)
-
-
 def _fmt(stat: dict, digits: int = 4) -> str:
     text = f"{stat['mean']:,.{digits}f}"
     return text + (f" ± {stat['std']:,.{digits}f}" if stat["n"] > 1 else "")

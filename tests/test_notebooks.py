@@ -235,7 +235,7 @@ COPIED = {
     "04": [("my_hyper_count", r"ChameleonLLM's head\): ([\d,]+)", "lambda d, V, r: {0}"),
            ("my_step", r"largest logit ([\d.]+)\)", "lambda model, optimizer, batch, embeddings: {0}")],
     "05": [("my_padding_share", r"([\d.]+)% of the \d+ evaluation targets are padding", "lambda split, pad_id: {0} / 100"),
-           ("my_verdict", r"\d\.\d+ (higher|lower) \(beyond", "lambda table, row, reference: {0!r}")],
+           ("my_verdict", r"\]: (better|worse|equivalent|inconclusive) \(\d+ seeds? x", "lambda low, high, delta: {0!r}")],
     "06": [("my_nearest", None, "lambda embeddings, centroids: assignment.labels"),
            ("my_swapped_logits", None, "own_logits")],
 }
@@ -266,9 +266,9 @@ def copied_answer(path: Path, exercise: int) -> tuple[str, str]:
 
 def _refusal(name: str, answer: str, check: str) -> str:
     """A cell that runs a check with a copied answer, expects it to fail, and puts the solution back."""
+    message = f"the check accepts {name} = {answer:.60}, copied from the notebook"  # written as a literal: answers hold quotes
     return (f"_solved = {name}\n{name} = {answer}\ntry:\n{textwrap.indent(check, '    ')}\nexcept AssertionError:\n    pass\n"
-            f"else:\n    raise RuntimeError('the check accepts {name} = {answer!s:.60}, copied from the notebook')\n"
-            f"finally:\n    {name} = _solved\n")
+            f"else:\n    raise RuntimeError({message!r})\nfinally:\n    {name} = _solved\n")
 
 
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda path: path.stem)
