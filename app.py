@@ -13,11 +13,14 @@ which answers requests that arrive together in one batch; this file only lays it
 from __future__ import annotations
 
 import argparse
+import atexit
 import html
 import inspect
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -232,6 +235,9 @@ API_DESCRIPTION = (
 )
 
 
+SETTINGS = {"clusters": "trained", "k": 3, "max_new_tokens": 32, "decoding": "greedy", "seed": 0}  # the page's defaults
+
+
 class Page(gr.Blocks):
     """The page's Blocks. An API call with too few or too many values gets an error naming what the endpoint
     takes (Gradio's own check raises an error whose message no client sees)."""
@@ -244,11 +250,21 @@ class Page(gr.Blocks):
         super().validate_inputs(block_fn, inputs)
 
 
+def examples_cache() -> None:
+    """Keep the examples' answers for this process only (unless ``GRADIO_EXAMPLES_CACHE`` says where): Gradio
+    keys its cache by the example's position alone, so a cache kept across restarts would show another
+    model's or another bundle set's answers once either changed."""
+    if "GRADIO_EXAMPLES_CACHE" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="chameleon-examples-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ["GRADIO_EXAMPLES_CACHE"] = folder
+
+
 def build_demo(engine: Engine) -> gr.Blocks:
     running: dict[str, set[Job]] = {}  # session -> its requests in the scheduler, for Stop
 
     def compare(prompts: str, clusters: str, k: int, max_new_tokens: int, decoding: str, seed: int,
-                request: gr.Request, progress: gr.Progress = gr.Progress()):
+                request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):
         """Compare the base model, static LoRA and ChameleonLLM on your prompts, streaming their answers.
 
         Parameters:
@@ -270,7 +286,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             job = scheduler.submit(texts, clusters, k, max_new_tokens, do_sample, seed)
         except (InputError, BundleError) as err:  # expected: the message is the answer, no traceback in the log
             raise gr.Error(str(err), print_exception=False) from None
-        session = running.setdefault(request.session_hash or "", set())
+        session = running.setdefault(request.session_hash or "" if request else "", set())
         session.add(job)
         try:
             yield *[gr.skip()] * 4, working(progress, 0, "Waiting for the models")
@@ -303,6 +319,14 @@ def build_demo(engine: Engine) -> gr.Blocks:
             gr.Warning(note)
             status += f"\n\n{note}"
         yield figure, *tables(result), status
+
+    def example(*values, request: gr.Request | None = None) -> tuple:
+        """An example's answers for Gradio's cache: only a complete run is kept, a stopped one is not."""
+        *_, last = compare(*values, request=request)
+        if last[-1].startswith("**Stopped.**"):
+            raise gr.Error("Stopped before the example's answers were complete; click it again to run it.",
+                           print_exception=False)
+        return last
 
     def stop(request: gr.Request) -> None:
         """End this page's running requests; what the models wrote so far stays on the page."""
@@ -338,40 +362,59 @@ def build_demo(engine: Engine) -> gr.Blocks:
             "hyper-network generates the output head's low-rank update from each cluster's centroid."
         )
         status = gr.Markdown(engine.status(), elem_id="status")
+        examples_cache()
+        # The controls and the outputs are made first and laid out below, so that the examples (in the
+        # left column) can name them all.
+        prompts = gr.Textbox(
+            label=f"Prompts (one per line, up to {MAX_PROMPTS}, each up to {MAX_PROMPT_CHARS:,} characters)",
+            lines=8, max_lines=20, elem_id="prompts", render=False,
+        )  # no initial value, so API clients must send prompts (the page fills in an example on load)
+        clusters = gr.Radio(
+            [("Assign to the trained clusters", "trained"), ("Cluster these prompts (k-means)", "prompts")],
+            value=SETTINGS["clusters"], label="Clusters", render=False,
+        )
+        k = gr.Slider(1, MAX_PROMPTS, value=SETTINGS["k"], step=1, label="k (k-means on the prompts)", render=False)
+        max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=SETTINGS["max_new_tokens"], step=1, label="Max new tokens",
+                                   render=False)
+        decoding = gr.Radio([("Greedy", "greedy"), ("Sampling", "sample")], value=SETTINGS["decoding"], label="Decoding",
+                            render=False)
+        seed = gr.Number(SETTINGS["seed"], precision=0, minimum=0, maximum=MAX_SEED,
+                         label="Seed (sampling and batch k-means)", render=False)
+        plot = gr.Plot(label="Cluster map", elem_id="cluster-map", render=False)
+        assignments = gr.Dataframe(
+            headers=ASSIGNMENT_COLUMNS, column_widths=["8%", "60%", "14%", "18%"], label="Prompt → cluster → distance to its centroid",
+            interactive=False, wrap=True, elem_id="assignments", render=False,
+        )
+        adapters = gr.Dataframe(
+            headers=ADAPTER_COLUMNS, column_widths=["14%", "14%", "17%", "55%"], label="Generated head adapter per cluster",
+            interactive=False, wrap=True, elem_id="adapters", render=False,
+        )
+        generations = gr.Dataframe(
+            headers=GENERATION_COLUMNS, column_widths=["4%", "24%", "24%", "24%", "24%"], label="Generations",
+            interactive=False, wrap=True, max_height=900, elem_id="generations", render=False,
+        )
+        inputs, outputs = [prompts, clusters, k, max_new_tokens, decoding, seed], [plot, assignments, generations, adapters, status]
         with gr.Row():
             with gr.Column(scale=3):
-                prompts = gr.Textbox(
-                    label=f"Prompts (one per line, up to {MAX_PROMPTS}, each up to {MAX_PROMPT_CHARS:,} characters)",
-                    lines=8, max_lines=20, elem_id="prompts",
-                )  # no initial value, so API clients must send prompts (the page fills in an example on load)
-                gr.Examples([[text] for text in EXAMPLES.values()], inputs=prompts, example_labels=list(EXAMPLES))
-            with gr.Column(scale=2):
-                clusters = gr.Radio(
-                    [("Assign to the trained clusters", "trained"), ("Cluster these prompts (k-means)", "prompts")],
-                    value="trained", label="Clusters",
+                prompts.render()
+                # An example sets every control to the page's defaults and shows its answers: the first
+                # click (by any visitor) runs them, later clicks read them back at once.
+                demo.examples = gr.Examples(
+                    [[text, *SETTINGS.values()] for text in EXAMPLES.values()], inputs=inputs, outputs=outputs,
+                    fn=example, example_labels=list(EXAMPLES), cache_examples=True, cache_mode="lazy",
+                    preprocess=False, api_visibility="private",
                 )
-                k = gr.Slider(1, MAX_PROMPTS, value=3, step=1, label="k (k-means on the prompts)")
-                max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, label="Max new tokens")
-                decoding = gr.Radio([("Greedy", "greedy"), ("Sampling", "sample")], value="greedy", label="Decoding")
-                seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed (sampling and batch k-means)")
+            with gr.Column(scale=2):
+                for control in (clusters, k, max_new_tokens, decoding, seed):
+                    control.render()
                 with gr.Row():
                     run = gr.Button("Compare", variant="primary", elem_id="compare")
                     halt = gr.Button("Stop", variant="stop", elem_id="stop")
-        plot = gr.Plot(label="Cluster map", elem_id="cluster-map")
+        plot.render()
         with gr.Row():
-            assignments = gr.Dataframe(
-                headers=ASSIGNMENT_COLUMNS, column_widths=["8%", "60%", "14%", "18%"], label="Prompt → cluster → distance to its centroid",
-                interactive=False, wrap=True, elem_id="assignments",
-            )
-            adapters = gr.Dataframe(
-                headers=ADAPTER_COLUMNS, column_widths=["14%", "14%", "17%", "55%"], label="Generated head adapter per cluster",
-                interactive=False, wrap=True, elem_id="adapters",
-            )
-        generations = gr.Dataframe(
-            headers=GENERATION_COLUMNS, column_widths=["4%", "24%", "24%", "24%", "24%"], label="Generations",
-            interactive=False, wrap=True, max_height=900, elem_id="generations",
-        )
-        inputs, outputs = [prompts, clusters, k, max_new_tokens, decoding, seed], [plot, assignments, generations, adapters, status]
+            assignments.render()
+            adapters.render()
+        generations.render()
         run.click(
             compare, inputs, outputs, api_name="compare", api_description=API_DESCRIPTION, preprocess=False,
             show_progress_on=status,  # the tables and the map stay visible, filling in as the models write

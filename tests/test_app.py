@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import socket
 import sys
@@ -465,3 +466,36 @@ def test_a_corrupt_set_is_named_to_clients_without_the_servers_path(tmp_path):
     for message in (engine.status(), str(raised.value)):
         assert "adapter.safetensors in bundle trunc/chameleon is corrupt or truncated" in message
         assert str(tmp_path) not in message and "/tmp" not in message and "/pytest-" not in message
+
+
+def test_an_example_runs_once_then_comes_from_the_cache(served, monkeypatch):
+    """An example sets every control to the page's defaults; its first click runs the models, later clicks
+    read the same answers back without a new request."""
+    engine = served[0]
+    submitted = []
+    submit = engine.scheduler.submit
+    monkeypatch.setattr(engine.scheduler, "submit", lambda *args: submitted.append(args) or submit(*args))
+    examples = app.build_demo(engine).examples
+    assert [row[1:] for row in examples.examples] == [list(app.SETTINGS.values())] * len(app.EXAMPLES)
+    first = examples.load_from_cache(1)
+    again = examples.load_from_cache(1)
+    assert len(submitted) == 1 and submitted[0][0] == app.EXAMPLES["Science and numbers"].splitlines()
+    assert again[2] == first[2] and len(first[2].data) == 4  # the same four answers, from the cache
+    assert str(Path(examples.cached_folder)).startswith(os.environ["GRADIO_EXAMPLES_CACHE"])
+
+
+def test_a_stopped_example_is_not_cached(served, monkeypatch):
+    engine = served[0]
+    examples = app.build_demo(engine).examples
+    submit = engine.scheduler.submit
+
+    def stopped(*args):
+        job = submit(*args)
+        engine.scheduler.stop(job)
+        return job
+
+    monkeypatch.setattr(engine.scheduler, "submit", stopped)
+    with pytest.raises(gr.Error, match="Stopped before the example's answers were complete"):
+        examples.load_from_cache(0)
+    monkeypatch.setattr(engine.scheduler, "submit", submit)
+    assert "Stopped" not in examples.load_from_cache(0)[4]  # the next click runs it again, to the end

@@ -13,7 +13,6 @@ from chameleon_core import (
 )
 from chameleon_core import models
 from chameleon_core.models import EOS, ModelError, _tiny_tokenizer_json, prepare_tokenizer
-from chameleon_core.regimes import HEAD_ONLY
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 
@@ -94,7 +93,7 @@ def test_every_regime_freezes_every_base_weight(tiny, regime):
         assert trainable_parameters(model) == 0 and report.head_module is None
     else:
         assert report.head_module == "lm_head" and trainable_parameters(model) > 0
-        assert bool(report.layer_modules) == (regime not in HEAD_ONLY)
+        assert bool(report.layer_modules) == (regime not in ("lora-head", "chameleon-head"))  # the head-only regimes, named here rather than read from regimes.HEAD_ONLY
 
 
 def test_stories260k_is_a_real_pretrained_llama(stories):
