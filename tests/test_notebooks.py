@@ -148,6 +148,17 @@ def test_training_cells_print_their_wall_time(path):
         assert any("wall time" in _text(o) for cell in cells for o in cell.outputs)
 
 
+def test_the_positive_control_shows_chameleon_using_its_condition():
+    """Notebook 4's committed run of the positive control: ChameleonLLM beats its constant-input twin by more than
+    the seed spread, and another cluster's condition costs it more than that spread."""
+    shown = " ".join(_text(o) for cell in _cells(ROOT / "notebooks" / "04_hyper_lora_head.ipynb", "code") for o in cell.outputs)
+    found = re.search(r"([+-][\d.]+) nats per row in chameleon's favour \(largest seed spread ([\d.]+)\); "
+                      r"another cluster's condition costs chameleon ([+-][\d.]+)", shown)
+    assert found, "notebook 4 must print the positive control's gain, seed spread and shuffled cost"
+    gain, spread, undone = map(float, found.groups())
+    assert gain > spread and undone > spread
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_exercises_are_checked_by_the_cells_their_solutions_pass(path):
     """One or two exercises: the learner's cell holds a placeholder, its check says so; the solutions notebook
