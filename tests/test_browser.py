@@ -88,3 +88,30 @@ def test_each_column_shows_as_its_model_writes_it(page, served, monkeypatch):
     expect(page.locator("#status")).to_contain_text("Ready.", timeout=60_000)
     for column in (3, 4):
         expect(table.locator(f"[data-testid=cell-0-{column}]")).not_to_have_text(app.PENDING)
+
+
+def test_an_example_click_shows_its_answers_then_comes_from_the_cache(page, served, monkeypatch):
+    """The first click on an example runs the models and the page shows their answers; the second shows the
+    same answers without a new request."""
+    engine = served[0]
+    submitted = []
+    submit = engine.scheduler.submit
+    monkeypatch.setattr(engine.scheduler, "submit", lambda *args: submitted.append(args) or submit(*args))
+    expect(page.locator("#status")).to_contain_text("Ready.", timeout=30_000)
+    table = page.locator("#generations [role=grid]")
+    example = page.get_by_role("button", name=list(app.EXAMPLES)[1])
+    example.click()
+    rows = len(app.EXAMPLES["Science and numbers"].splitlines())
+    expect(table.locator("[role=row][data-index]")).to_have_count(rows, timeout=120_000)
+    expect(table.locator("[data-testid=cell-0-1]")).to_have_text(app.EXAMPLES["Science and numbers"].splitlines()[0])
+    expect(table.locator("[data-testid=cell-0-4]")).not_to_have_text(app.PENDING, timeout=120_000)
+    expect(page.locator("#prompts textarea")).to_have_value(app.EXAMPLES["Science and numbers"])
+    answer = table.locator("[data-testid=cell-0-4]").inner_text()
+    page.locator("#prompts textarea").fill(SIX_DOMAINS[0])
+    page.locator("#compare").click()
+    expect(table.locator("[role=row][data-index]")).to_have_count(1, timeout=60_000)
+    expect(page.locator("#status")).to_contain_text("Ready.", timeout=60_000)
+    example.click()
+    expect(table.locator("[role=row][data-index]")).to_have_count(rows, timeout=30_000)
+    expect(table.locator("[data-testid=cell-0-4]")).to_have_text(answer)
+    assert [args[0] for args in submitted].count(app.EXAMPLES["Science and numbers"].splitlines()) == 1
