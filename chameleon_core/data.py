@@ -236,16 +236,34 @@ def group_vocabularies(groups: int = GROUPS, words: int = WORDS_PER_GROUP, seed:
     return [pool[g * words:(g + 1) * words] for g in range(groups)]
 
 
+def token_vocabularies(tokenizer, groups: int = GROUPS, words: int = WORDS_PER_GROUP, seed: int = 0) -> list[list[str]]:
+    """Like :func:`group_vocabularies`, from lowercase alphabetic strings that ``tokenizer`` writes as one
+    token each (seeded).
+
+    With them a row's scored text is one token and the end of text, so the head alone decides the whole
+    loss: the positive control becomes a task a head-only adapter can learn in seconds.
+    """
+    single = sorted({word for word in (tokenizer.decode([i]).strip() for i in range(len(tokenizer)))
+                     if word.isascii() and word.isalpha() and word.islower() and len(word) >= 3
+                     and len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1})
+    if len(single) < groups * words:
+        raise ValueError(f"the tokenizer has {len(single)} one-token words; {groups} groups of {words} need {groups * words}")
+    random.Random(seed).shuffle(single)
+    return [single[g * words:(g + 1) * words] for g in range(groups)]
+
+
 def group_records(n: int = 2400, seed: int = 0, groups: int = GROUPS, words: int = WORDS_PER_GROUP,
-                  condition_words: int = CONDITION_WORDS) -> list[Record]:
+                  condition_words: int = CONDITION_WORDS, vocabularies: list[list[str]] | None = None) -> list[Record]:
     """The positive control: a task in which only the condition tells what will be scored.
 
     Each row belongs to one of ``groups`` latent groups (uniform), each with its own vocabulary. The
     model reads :data:`GROUP_PROMPT`, the same for every row; the scored response is one word drawn
     uniformly from the group's vocabulary; the condition is ``condition_words`` words of that group
     drawn independently of the response. Whatever can be known about the group is in the condition.
+    ``vocabularies``: the groups' words (default: made-up ones, :func:`group_vocabularies`).
     """
-    vocabularies = group_vocabularies(groups, words, seed)
+    vocabularies = vocabularies or group_vocabularies(groups, words, seed)
+    groups = len(vocabularies)
     rng = random.Random(seed + 1)
     records = []
     for _ in range(n):

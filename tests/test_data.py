@@ -224,3 +224,21 @@ def test_hidden_alpaca_holds_the_same_records_with_the_instruction_only_as_condi
         assert {r.prompt for r in hidden[split]} == {RESPONSE_MARKER}
         assert all("fruit number" not in r.prompt and "fruit number" in v.prompt
                    for r, v in zip(hidden[split], visible[split]))
+
+
+def test_one_token_vocabularies_are_disjoint_real_words_of_one_token_each():
+    from chameleon_core.data import token_vocabularies
+    from chameleon_core.models import load_model
+
+    _, tokenizer = load_model("random:tiny-gpt2")
+    vocabularies = token_vocabularies(tokenizer, groups=4, words=8)
+    words = [w for group in vocabularies for w in group]
+    assert [len(group) for group in vocabularies] == [8] * 4 and len(set(words)) == 32
+    assert all(len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1 and w.isalpha() for w in words)
+    assert token_vocabularies(tokenizer, groups=4, words=8) == vocabularies  # seeded
+    records = group_records(n=200, vocabularies=vocabularies)
+    group_of = {word: g for g, group in enumerate(vocabularies) for word in group}
+    assert all(group_of[r.response] == int(r.label.removeprefix("group")) for r in records)
+    assert all({group_of[w] for w in r.condition.split()} == {group_of[r.response]} for r in records)
+    with pytest.raises(ValueError, match="one-token words"):
+        token_vocabularies(tokenizer, groups=10_000, words=16)
