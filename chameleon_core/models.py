@@ -59,7 +59,7 @@ def resolve_device(device: str = "auto") -> torch.device:
             resolved = torch.device(device)
         except (RuntimeError, TypeError):
             resolved = None
-        if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        if resolved is None or resolved.type not in ("cpu", "cuda", "mps", "meta"):  # meta: shapes without weights
             raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
         if resolved.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA GPU that torch can use "

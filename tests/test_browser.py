@@ -39,6 +39,7 @@ def page(served):
 def test_compare_in_the_browser(page, tmp_path):
     expect(page.locator("#status")).to_contain_text("Ready.", timeout=30_000)
     prompts = SIX_DOMAINS[:4] + [MARKUP]
+    expect(page.locator("#prompts textarea")).not_to_have_value("", timeout=30_000)  # the page's example, filled on load
     page.locator("#prompts textarea").fill("\n".join(prompts))
     page.locator("#compare").click()
 
