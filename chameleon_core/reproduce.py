@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 from .paired import DELTA, describe, paired_difference, read_rows
+from .protocols import PROTOCOLS
 from .train import TrainConfig, finished_run, train
 
 HEADLINE = {
@@ -111,7 +112,8 @@ def reproduce(
 
     ``only`` names the rows to train as ``<protocol>/<row folder>`` (``causal/chameleon-random-batches``):
     the others are only gathered, so a few rows can get more seeds without rerunning the grid.
-    Rows are reported with the seeds that finished; a row with none is listed as not run.
+    Rows are reported with the seeds that finished; a row with none is listed as not run. Protocols
+    outside ``protocols`` are gathered too, so training one protocol never drops the other's table.
     """
     grid = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep), base.dataset)
     if only is not None and (unknown := only - {f"{p}/{_slug(name)}" for p in protocols for name in grid}):
@@ -119,13 +121,14 @@ def reproduce(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"setup": {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")}, "protocols": {}}
-    for protocol in protocols:
+    for protocol in PROTOCOLS:
         table, curves, diversity, not_run, first = {}, {}, {}, [], None  # first: a finished run, for the split's facts
         per_row = {}  # row -> seed -> that run's per-row losses (runs that saved them)
         timed = []  # every finished run's wall time (runs recorded before it was measured have none)
         for name, (overrides, row_seeds) in grid.items():
             runs = []
-            gather = collect_only or (only is not None and f"{protocol}/{_slug(name)}" not in only)
+            gather = collect_only or protocol not in protocols or (
+                only is not None and f"{protocol}/{_slug(name)}" not in only)
             for seed in row_seeds:
                 config = replace(base, protocol=protocol, seed=seed, **overrides)
                 folder = out / "runs" / protocol / _slug(name) / f"seed{seed}"

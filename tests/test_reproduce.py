@@ -192,6 +192,22 @@ def test_only_trains_the_named_rows_and_gathers_the_rest(tmp_path, monkeypatch):
     assert "chameleon" in block["not_run"] and "paper" not in results["protocols"]  # nothing finished there
 
 
+def test_training_one_protocol_keeps_the_other_protocols_finished_table(tmp_path, monkeypatch):
+    finished = {}  # folder -> its run, as train would have left it
+    monkeypatch.setattr(reproduce_module, "train",
+                        lambda config, folder, **_: finished.setdefault(folder, _fake_run(config)))
+    monkeypatch.setattr(reproduce_module, "finished_run", lambda folder, config: finished.get(folder))
+    reproduce_module.reproduce(TrainConfig(), tmp_path, protocols=("paper",), show_progress=False)
+    trained_for_paper = set(finished)
+    results = reproduce_module.reproduce(TrainConfig(), tmp_path, protocols=("causal",), show_progress=False,
+                                         only={"causal/chameleon"})
+    assert set(results["protocols"]) == {"paper", "causal"}  # the paper table is gathered, not dropped
+    assert set(finished) - trained_for_paper == {tmp_path / "runs" / "causal" / "chameleon" / "seed0"}
+    assert list(results["protocols"]["causal"]["table"]) == ["chameleon", shuffled_row("chameleon")]
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["protocols"]["paper"]["table"] == results["protocols"]["paper"]["table"]
+
+
 def test_adapter_diversity_is_aggregated_over_seeds(tmp_path, monkeypatch):
     def fake(config, folder, **_):
         run = _fake_run(config)
