@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +130,72 @@ def logits() -> Callable[[torch.nn.Module, BatchEncoding], torch.Tensor]:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     return run
+
+
+# ---------------------------------------------------------------- long subprocesses, run beside the rest
+# The notebooks (nbval) and `reproduce --profile tiny` run as subprocesses and take most of the suite's time,
+# while the tests in this process use one CPU thread (above). So a test marked ``early_run(name, command,
+# minutes=...)`` (``command(folder) -> argv``; ``minutes``, roughly, so the longest start first) has its
+# subprocess started as soon as collection ends, on one CPU thread, at most EARLY_WORKERS at a time, and runs
+# after every unmarked test, reading the finished process through the ``early_run`` fixture. A whole run
+# then costs about its CPU work shared by the cores instead of the sum of its parts.
+EARLY_WORKERS = 2
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EarlyRuns:
+    """The marked tests' subprocesses: started together, each run once, killed if the session ends first."""
+
+    def __init__(self, commands: dict[str, Callable[[Path], list[str]]]):
+        self.folder = Path(tempfile.mkdtemp(prefix="early-runs-"))
+        self.processes: set[subprocess.Popen] = set()
+        self.pool = ThreadPoolExecutor(EARLY_WORKERS)
+        self.runs: dict[str, Future] = {name: self.pool.submit(self._run, name, command)
+                                        for name, command in commands.items()}
+
+    def _run(self, name: str, command: Callable[[Path], list[str]]) -> tuple[Path, subprocess.CompletedProcess]:
+        folder = self.folder / name
+        folder.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with subprocess.Popen(command(folder), cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as process:
+            self.processes.add(process)
+            stdout, stderr = process.communicate(timeout=1800)
+            self.processes.discard(process)
+        return folder, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in list(self.processes):
+            process.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _early_marker(item: pytest.Item):
+    return item.get_closest_marker("early_run")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tests that wait for an early subprocess go last (stable order), so the others run meanwhile."""
+    items.sort(key=lambda item: _early_marker(item) is not None)
+
+
+def pytest_collection_finish(session) -> None:
+    if session.config.option.collectonly:
+        return
+    markers = {marker.args[0]: marker for item in session.items if (marker := _early_marker(item))}
+    longest_first = sorted(markers.values(), key=lambda marker: -marker.kwargs.get("minutes", 0))
+    if commands := {marker.args[0]: marker.args[1] for marker in longest_first}:
+        session.config.early_runs = EarlyRuns(commands)
+
+
+def pytest_sessionfinish(session) -> None:
+    if early_runs := getattr(session.config, "early_runs", None):
+        early_runs.close()
+
+
+@pytest.fixture
+def early_run(request) -> tuple[Path, subprocess.CompletedProcess]:
+    """(folder, finished process) of the test's ``early_run`` marker: its subprocess ran in ``folder``."""
+    name = _early_marker(request.node).args[0]
+    return request.config.early_runs.runs[name].result()

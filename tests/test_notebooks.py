@@ -15,9 +15,9 @@ from __future__ import annotations
 import base64
 import importlib.util
 import re
-import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import nbformat
@@ -63,11 +63,21 @@ def test_notebook_is_committed_with_the_outputs_of_one_run(path):
         assert any(cell.source.startswith("# NBVAL_CHECK_OUTPUT") for cell in cells)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_notebook_runs_and_its_checked_cells_match(path):
-    command = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider", "-q",
-               str(path)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+# Minutes each notebook takes on two CPU cores with the local profile (the longest start first: conftest).
+MINUTES = {"01": 0.4, "02": 0.8, "03": 2.5, "04": 1.8, "05": 4.2, "06": 2.2}
+
+
+def _nbval(path: Path) -> Callable[[Path], list[str]]:
+    return lambda folder: [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p",
+                           "no:cacheprovider", "-q", str(path)]
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(path, marks=pytest.mark.early_run(path.stem, _nbval(path), minutes=MINUTES.get(path.name[:2], 1)))
+    for path in NOTEBOOKS
+], ids=lambda path: path.stem)
+def test_notebook_runs_and_its_checked_cells_match(path, early_run):
+    _, result = early_run
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 

@@ -2,9 +2,7 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,15 +19,20 @@ from chameleon_core.train import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reproduce")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: a second thread only adds synchronisation
-    subprocess.run([sys.executable, "-m", "chameleon_core", "reproduce", "--profile", "tiny", "--out", str(out)],
-                   check=True, capture_output=True, text=True, env=env)
+# The tiny grid runs in a subprocess started when collection ends (conftest's early runs), beside the other tests.
+tiny_grid = pytest.mark.early_run(
+    "reproduce-tiny", lambda out: [sys.executable, "-m", "chameleon_core", "reproduce", "--profile", "tiny", "--out", str(out)],
+    minutes=4.5)
+
+
+@pytest.fixture
+def tiny_results(early_run) -> Path:
+    out, result = early_run
+    assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
+@tiny_grid
 def test_reproduce_tiny_writes_both_tables_and_curves(tiny_results):
     results = json.loads((tiny_results / "results.json").read_text())
     assert set(results["protocols"]) == {"paper", "causal"}
@@ -40,6 +43,7 @@ def test_reproduce_tiny_writes_both_tables_and_curves(tiny_results):
     assert markdown.count("| lora-head |") == 2 and "of the scored targets are padding" in markdown
 
 
+@tiny_grid
 def test_reproduce_tiny_shows_the_copy_task_and_a_real_gain(tiny_results):
     results = json.loads((tiny_results / "results.json").read_text())
     paper, causal = results["protocols"]["paper"], results["protocols"]["causal"]
@@ -52,6 +56,7 @@ def test_reproduce_tiny_shows_the_copy_task_and_a_real_gain(tiny_results):
     assert causal["table"]["chameleon"]["trainable_parameters"] > causal["table"]["lora"]["trainable_parameters"]
 
 
+@tiny_grid
 def test_reproduce_tiny_measures_how_much_the_cluster_adapters_differ(tiny_results):
     results = json.loads((tiny_results / "results.json").read_text())
     conditioned_heads = {"chameleon", "chameleon-head", "lora-per-cluster"} | {

@@ -16,7 +16,6 @@ import runpy
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
