@@ -93,14 +93,6 @@ class Engine:
         self.error: str | None = None
         self._done = threading.Event()
 
-    @classmethod
-    def serving(cls, bundle_set: BundleSet) -> Engine:
-        """An engine for a set already loaded in this process (``chameleon_core.serving.measure_serving``): ready at once."""
-        engine = cls(model_name=bundle_set.chameleon.base_model)
-        engine._serve(bundle_set)
-        engine._done.set()
-        return engine
-
     def start(self) -> Engine:
         threading.Thread(target=self._load, name="chameleon-loader", daemon=True).start()
         return self
@@ -112,16 +104,13 @@ class Engine:
                 smollm2_gguf(install=True)
             bundle_set = open_bundle_set(progress=self._report, **self.options)
             self._report(0.95, "fitting the cluster map")
-            self._serve(bundle_set)
+            bundle_set.projection  # noqa: B018 (fitted now, so the first comparison is quick)
+            self.scheduler = Scheduler(bundle_set)
+            self.bundle_set = bundle_set
         except Exception as err:  # shown on the page instead of dying in a thread nobody watches
             log.exception("could not prepare the bundle set")
             self.error = f"{type(err).__name__}: {err}"
         self._done.set()
-
-    def _serve(self, bundle_set: BundleSet) -> None:
-        bundle_set.projection  # noqa: B018 (fitted now, so the first comparison is quick)
-        self.scheduler = Scheduler(bundle_set)
-        self.bundle_set = bundle_set
 
     def _report(self, fraction: float, message: str) -> None:
         self.fraction, self.message = fraction, message
@@ -435,8 +424,8 @@ def serve(demo: gr.Blocks, **launch) -> gr.Blocks:
 
 @contextmanager
 def running(engine: Engine, **launch) -> Iterator[str]:
-    """The page served from this process (tests; the HTTP clients of ``measure_serving``): yields its
-    URL, then closes the server and the engine's scheduler."""
+    """The page served from this process (the tests): yields its URL, then closes the server and the
+    engine's scheduler."""
     demo = serve(build_demo(engine), prevent_thread_lock=True, quiet=True, **launch)
     try:
         yield demo.local_url

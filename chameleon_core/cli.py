@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .bench import SECTIONS, BenchSettings, format_report, merge_runs, run_bench
+from .bench import SECTIONS, BenchSettings, merge_runs, run_bench
 from .bundle import BundleError, export_bundle_peft, fetch_bundle, load_bundle, read_bundle_config, share_bundle
 from .card import write_model_card
 from .demo import open_bundle_set
@@ -30,7 +30,7 @@ from .lora import LORA_INITS
 from .models import DEFAULT_MODEL, MODEL_HELP, load_model
 from .protocols import PROTOCOLS
 from .regimes import REGIMES, AdapterConfig, apply_regime, trainable_parameters
-from .report import write_readme
+from .report import format_report, write_readme
 from .reproduce import PROFILES, profile_settings, reproduce, results_markdown
 from .train import SAMPLERS, TrainConfig, evaluate_bundle, train
 

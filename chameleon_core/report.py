@@ -1,4 +1,5 @@
-"""``report``: the README's results and cost sections, generated from the committed result files.
+"""``report``: the README's results and cost sections, generated from the committed result files, and
+the text ``bench`` prints.
 
 Numbers in the README are never typed by hand: each section lies between two markers and is
 rewritten from ``<root>/**/results.json`` and ``results.md`` (the ``reproduce`` tables; the larger
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .bench import bench_markdown
+from .bench import sweep_targets
 from .data import group_floors
 from .paired import DELTA, describe, verdict
 from .reproduce import SHUFFLED, shuffled_row
@@ -298,3 +299,217 @@ def write_readme(readme: Path, root: Path, bundles: Path = Path("assets/bundles"
     tmp = readme.with_name(readme.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(readme)
+
+
+# ---------------------------------------------------------------- the cost of adaptation (bench's results)
+def _missed(points: list[dict]) -> str:
+    """``yes`` when every point meets its target, else the points (distinct clusters) that miss it."""
+    missed = [str(t["clusters"]) for t in points if not t["met"]]
+    return f"no at {', '.join(missed)}" if missed else "yes"
+
+
+def _shape_title(shape: dict) -> str:
+    return (f"{shape['architecture']}, {shape['layers']} layers x {shape['hidden']}, "
+            f"vocabulary {shape['vocab']:,}, {shape['parameters'] / 1e6:.1f} M parameters")
+
+
+def format_report(result: dict) -> str:
+    lines = []
+    if "shapes" in result:
+        settings, machine = result["settings"], result["machine"]
+        lines += [f"{machine['device']} ({machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch "
+                  f"threads, torch {machine['torch']}); median of {settings['repeats']} interleaved repeats",
+                  f"peak MiB: {result['memory_method'] or 'not measured on this device'}"]
+        for name, shape in result["shapes"].items():
+            lines += ["", f"== {name}: {_shape_title(shape['shape'])}", *_shape_report(shape)]
+    if "serving" in result:
+        lines += ["", *_serving_report(result["serving"])]
+    lines += ["", targets_summary(result).replace("**", "").replace("`", "")]
+    return "\n".join(lines).strip("\n")
+
+
+def _serving_report(serving: dict) -> list[str]:
+    s = serving["settings"]
+    lines = [f"== serving {s['bundle_set']} ({s['model']}): {s['requests_per_client']} requests of "
+             f"{s['prompts_per_request']} prompts per client, {s['max_new_tokens']} new tokens, window {s['window_s']} s",
+             f"{'clients':>7} {'mode':14} {'requests/s':>10} {'x alone':>8} {'p50 s':>7} {'p95 s':>7} {'TTFT p50':>8} "
+             f"{'TTFT p95':>8} {'batches':>7} {'same':>5}  target"]
+    for run in serving["runs"]:
+        same = f"{run['same_as_alone']}/{run['requests']}" if "same_as_alone" in run else ""
+        target = run.get("target")
+        goal = f"{target['target']}: {'yes' if target['met'] else 'NO'}" if target else ""
+        first = [f"{run[key]:8.2f}" if run.get(key) is not None else f"{'-':>8}"
+                 for key in ("first_token_p50_s", "first_token_p95_s")]  # absent in runs measured before streaming
+        lines.append(f"{run['clients']:7} {run['mode']:14} {run['requests_per_s']:10.3f} {run['speedup']:8.2f} "
+                     f"{run['latency_p50_s']:7.2f} {run['latency_p95_s']:7.2f} {' '.join(first)} "
+                     f"{run.get('batches', ''):>7} {same:>5}  {goal}")
+    return lines
+
+
+def _shape_report(result: dict) -> list[str]:
+    lines = []
+    targets = {(t["section"], t["variant"]): t for t in result["targets"] if t["section"] != "sweep"}
+    for section in ("scoring", "generation", "training"):
+        table = result[section]
+        lines += ["", f"{section}: {table['unit']}, {table['work_per_call']} tokens per call",
+                  f"{'variant':18} {table['unit']:>13} {'x ' + table['reference']:>8} {'peak MiB':>9} "
+                  f"{'weights MiB':>11}  {'target':28} met"]
+        for name, row in table["variants"].items():
+            target = targets.get((section, name))
+            goal = f"{target['target']} ({target['value']:.3f})" if target else ""
+            met = ("yes" if target["met"] else "NO") if target else ""
+            memory = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
+            lines.append(f"{name:18} {row['throughput']:13,.1f} {row['ratio']:8.3f} {memory:>9} "
+                         f"{row['weights_mib']:11.0f}  {goal:28} {met}")
+        if section == "scoring":
+            sweep = result["sweep"]
+            lines += ["", f"sweep: scoring throughput x base, by distinct clusters in a batch of "
+                          f"{sweep['clusters'][-1]} rows",
+                      f"{'variant':41} " + " ".join(f"{n:>7}" for n in sweep["clusters"])]
+            lines += [f"{name:41} " + " ".join(f"{p['ratio']:7.3f}" for p in row["points"])
+                      for name, row in sweep["variants"].items()]
+            lines += [f"{'target ' + subject:41} " + " ".join(f"{t['value']:7.3f}" for t in points)
+                      + f"  {_missed(points)}" for subject, points in sweep_targets(result).items()]
+    c = result["clustering"]
+    target = targets[("clustering", "k-means fit + assignment")]
+    lines += ["", f"clustering: {c['rows']:,} rows x {c['dim']} (mean {c['mean_tokens']:.0f} tokens), k = {c['k']:,}",
+              f"embed {c['embed_s']:.2f} s + k-means {c['fit_s']:.2f} s + assign {c['assign_s']:.2f} s "
+              f"= {c['total_s']:.2f} s; fit + assign {target['value']:.2f} s (target {target['target']}: "
+              f"{'yes' if target['met'] else 'NO'}); "
+              f"{c['cpu_s']:.2f} CPU s; inertia {c['inertia']:.1f}"]
+    if "reference" in c:
+        ref = c["reference"]
+        lines.append(f"reference k-means ({ref['about']}): {ref['fit_s']:.1f} s, inertia {ref['inertia']:.1f} "
+                     f"(fast / reference = {ref['inertia_ratio']:.4f})")
+    if result["checks"]:
+        lines += ["", f"correctness: {len(result['checks'])} checks passed"]
+    return lines
+
+
+def bench_markdown(result: dict) -> str:
+    """The README's cost section: the machine, then for each model the sweep and its targets, every other
+    variant's throughput and ratio, the other targets and the clustering; then serving."""
+    summary = targets_summary(result)
+    lines = [summary, ""] if summary else []
+    if "shapes" in result:
+        settings, machine = result["settings"], result["machine"]
+        lines += [
+            f"On {_where(machine)}: batches of {settings['batch']} rows x {settings['seq']} tokens scored and "
+            f"trained, prompts of {settings['seq'] // 4} tokens extended by {settings['new_tokens']} greedy tokens; "
+            f"median of {settings['repeats']} interleaved repeats, ratios are medians of per-repeat ratios"
+            + (f"; {result['wall_seconds'] / 60:.0f} min in all." if "wall_seconds" in result else ".")
+        ]
+        for name, shape in result["shapes"].items():
+            lines += ["", f"### `{name}`: {_shape_title(shape['shape'])}", "", *_shape_markdown(shape)]
+    if "serving" in result:
+        lines += ["", *_serving_markdown(result["serving"])]
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def targets_summary(result: dict) -> str:
+    """One sentence: how many of the measured targets are met, and which are not (each shape's sweep
+    target counts once, met only if met at every point); empty when nothing measured has a target."""
+    verdicts = []  # (subject, met)
+    for name, shape in result.get("shapes", {}).items():
+        verdicts += [(f"{name} sweep: {subject}", _missed(points) == "yes")
+                     for subject, points in sweep_targets(shape).items()]
+        verdicts += [(f"{name} {t['section']}: {t['variant']} {t['target']}", t["met"])
+                     for t in shape["targets"] if t["section"] != "sweep"]
+    verdicts += [(f"serving, {run['clients']} clients, {run['mode']}: {run['target']['target']}", run["target"]["met"])
+                 for run in result.get("serving", {}).get("runs", []) if "target" in run]
+    if not verdicts:
+        return ""
+    missed = [subject for subject, met in verdicts if not met]
+    text = f"**Targets: {len(verdicts) - len(missed)} of {len(verdicts)} met.**"
+    return text + (f" Not met: {'; '.join(f'`{m}`' for m in missed)}." if missed else "")
+
+
+def _where(machine: dict) -> str:
+    where = machine["accelerator"] or f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
+    return f"{machine['device']} ({where}; torch {machine['torch']})"
+
+
+def _serving_markdown(serving: dict) -> list[str]:
+    s = serving["settings"]
+    lines = [
+        f"### Serving `{s['bundle_set']}` ({s['model']}) to concurrent clients",
+        "",
+        f"On {_where(serving['machine'])}"
+        + (f", {serving['wall_seconds'] / 60:.0f} min in all" if "wall_seconds" in serving else "")
+        + f". Each client sends {s['requests_per_client']} requests of "
+        f"{s['prompts_per_request']} prompts one after another (every other one sampled with its own seed; "
+        f"{s['max_new_tokens']} new tokens from each of base, static LoRA and ChameleonLLM); all clients start "
+        f"together. *One at a time*: the scheduler never merges, so each request runs alone, and its answers are "
+        f"the reference. *Merged*: requests arriving within {s['window_s'] * 1000:g} ms, or while a batch runs, share "
+        f"one mixed-cluster batch per model (at most {s['max_batch']} prompts). *HTTP*: the same requests through the "
+        "page's `/compare` API (Gradio's queue in front of the merging scheduler).",
+        "",
+        "| Clients | Mode | Requests/s | x one at a time | p50 latency | p95 latency | p50 first token | "
+        "p95 first token | Model batches | Answers as alone |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in serving["runs"]:
+        same = f"{run['same_as_alone']} / {run['requests']}" if "same_as_alone" in run else "(reference)"
+        first = [f"{run[key]:.1f} s" if run.get(key) is not None else "-"  # "-": measured before answers streamed
+                 for key in ("first_token_p50_s", "first_token_p95_s")]
+        lines.append(f"| {run['clients']} | {run['mode']} | {run['requests_per_s']:.3f} | {run['speedup']:.2f} | "
+                     f"{run['latency_p50_s']:.1f} s | {run['latency_p95_s']:.1f} s | {first[0]} | {first[1]} | "
+                     f"{run.get('batches', '-')} | {same} |")
+    targeted = [run for run in serving["runs"] if "target" in run]
+    if targeted:
+        clients = targeted[0]["clients"]
+        lines += ["", f"| Target: {clients} clients | Measured | Met |", "|---|---:|---|"]
+        lines += [f"| {run['mode']}: {run['target']['target']}, every answer as alone | {run['speedup']:.2f}, "
+                  f"{run['same_as_alone']} / {run['requests']} | {'yes' if run['target']['met'] else '**no**'} |"
+                  for run in targeted]
+    return lines
+
+
+def _shape_markdown(result: dict) -> list[str]:
+    sweep, c = result["sweep"], result["clustering"]
+    clusters = sweep["clusters"]
+    base = result["scoring"]["variants"]["base"]
+    columns = [f"{n} (every row)" if n == clusters[-1] else str(n) for n in clusters]
+    lines = [
+        f"Scoring with n distinct clusters in one batch (row i in cluster i mod n): throughput as a multiple of the "
+        f"base model's ({base['throughput']:,.1f} {sweep['unit']}), timed in the same rounds.",
+        "",
+        f"| Variant | What it runs | {' | '.join(columns)} | Peak MiB at {clusters[-1]} |",
+        "|---|---|" + "---:|" * (len(clusters) + 1),
+    ]
+    for name, row in sweep["variants"].items():
+        memory = row["points"][-1]["peak_memory_mib"]
+        lines.append(f"| {name} | {row['about']} | " + " | ".join(f"{p['ratio']:.3f}" for p in row["points"])
+                     + f" | {'-' if memory is None else f'{memory:,.0f}'} |")
+    lines += ["", f"| Target, at every point | {' | '.join(map(str, clusters))} | Met |",
+              "|---|" + "---:|" * len(clusters) + "---|"]
+    for subject, points in sweep_targets(result).items():
+        met = _missed(points)
+        lines.append(f"| {subject} | " + " | ".join(f"{t['value']:.3f}" for t in points)
+                     + f" | {met if met == 'yes' else f'**{met}**'} |")
+    noise = result["scoring"]["variants"].get("lora-merged")
+    if noise is not None:
+        lines += ["", f"How much two runs of the same work differ here: `lora-merged` does exactly the base model's "
+                      f"work and scored {noise['ratio']:.3f} x base in the same rounds."]
+    lines += ["", "| Section | Variant | What it runs | Throughput | x reference | Peak MiB |",
+              "|---|---|---|---:|---:|---:|"]
+    for section in ("scoring", "generation", "training"):
+        table = result[section]
+        for name, row in table["variants"].items():
+            memory = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:,.0f}"
+            lines.append(f"| {section} | {name} | {row['about']} | {row['throughput']:,.1f} {table['unit']} | "
+                         f"{row['ratio']:.3f} x {table['reference']} | {memory} |")
+    lines += ["", "| Target | Measured | Met |", "|---|---:|---|"]
+    for target in result["targets"]:
+        if target["section"] == "sweep":
+            continue
+        subject = f"{target['section']}: {target['variant']} {target['target']}"
+        value = f"{target['value']:.2f} s" if target["reference"] is None else f"{target['value']:.3f}"
+        lines.append(f"| {subject} | {value} | {'yes' if target['met'] else '**no**'} |")
+    lines += ["", f"Clustering {c['rows']:,} embeddings of dimension {c['dim']} into k = {c['k']:,} clusters: "
+              f"embedding {c['embed_s']:.2f} s, k-means {c['fit_s']:.2f} s, assignment {c['assign_s']:.2f} s."]
+    if "reference" in c:
+        ref = c["reference"]
+        lines.append(f"The reference k-means ({ref['about']}) takes {ref['fit_s']:.1f} s; the fast fit's inertia is "
+                     f"{ref['inertia_ratio']:.4f} x the reference's.")
+    return lines

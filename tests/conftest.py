@@ -1,4 +1,5 @@
-"""Shared fixtures: seeded RNGs, fresh tiny models, a GPT-2-small-shaped model, the local data folder.
+"""Shared fixtures and helpers: seeded RNGs, fresh tiny models, a GPT-2-small-shaped model, the local data folder,
+a tiny bundle set and the page serving it, and the long subprocesses started early.
 
 Tiny random models build in milliseconds, so every test gets its own copy to change freely.
 GPT-2 small's shape is built on the meta device (real modules, no weights): counting its
@@ -7,10 +8,14 @@ parameters costs nothing, and ``random:gpt2`` itself is exercised once, by the C
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import random
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,8 +26,13 @@ import pytest
 import torch
 from transformers import BatchEncoding, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from chameleon_core import load_model, lora_layers
+from chameleon_core import (
+    AdapterConfig, Points, apply_regime, embed_texts, fit_clusters, load_model, load_synthetic, lora_layers, save_bundle,
+)
+from chameleon_core.bundle import write_checksums
+from chameleon_core.hyper_head import hyper_head
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("CHAMELEON_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TINY_MODELS = ("random:tiny-gpt2", "random:tiny-llama")
 TEXTS = [
@@ -33,8 +43,11 @@ TEXTS = [
 ]
 
 # Tiny models run thousands of microsecond-sized ops: a second intra-op thread only adds
-# synchronisation, which on a busy machine can make each forward pass 100x slower.
+# synchronisation, which on a busy machine can make each forward pass 100x slower. The subprocesses
+# (notebook kernels, commands) get one thread too: several run at once (below), and threads that
+# spin-wait for a core another process holds waste it.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)
@@ -132,15 +145,94 @@ def logits() -> Callable[[torch.nn.Module, BatchEncoding], torch.Tensor]:
     return run
 
 
+# ---------------------------------------------------------------- helpers shared by the test files
+def loaded_modules(code: str, **env: str) -> set[str]:
+    """The ``chameleon_core`` modules a fresh interpreter holds after running ``code``."""
+    report = "import sys; print(*(name for name in sys.modules if name.startswith('chameleon_core')))"
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\n{report}"], cwd=ROOT, env={**os.environ, **env},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.splitlines()[-1].split())
+
+
+def edit_config(path: Path, change) -> None:
+    """``change(config)`` applied to the bundle's config.json, its checksums rewritten: an edit made on purpose,
+    which only the settings' own checks can catch."""
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+    write_checksums(path)
+
+
+MODEL = "random:tiny-gpt2"
+SIX_DOMAINS = [  # one prompt from each of the synthetic corpus's domains, which the tiny set's clusters follow
+    "Whisk the butter, then fold the dough and bake it until golden.",
+    "The telescope tracked a faint comet across the spiral galaxy.",
+    "The striker scored a late penalty to keep the league unbeaten.",
+    "Refinance the loan before the quarterly dividend is taxed.",
+    "Refactor the recursive function and cache the parsed query.",
+    "The surgeon prescribed a lower dose for the chronic fever.",
+]
+LONG = " ".join(f"zq{i % 7}x" for i in range(400))  # 2,000 characters, over 1,000 tokens for the tiny tokenizer
+
+
+def make_bundle_set(out: Path, extra: dict[str, dict] | None = None) -> Path:
+    """A lora/ + chameleon/ set on random:tiny-gpt2 with synthetic-corpus clusters and points.
+
+    The adapters are random rather than trained (fast), and large enough that each cluster's
+    generated head update changes what the model writes. ``extra[regime]``: metadata added to that
+    bundle's (the rank of a ``train`` record is the adapter's).
+    """
+    model, tokenizer = load_model(MODEL)
+    texts = [record.condition for record in load_synthetic()["train"][:300]]
+    embeddings = embed_texts(model, tokenizer, texts, max_length=32)
+    clusters, labels = fit_clusters(embeddings, k=6, seed=0)
+    torch.manual_seed(0)
+    for regime in ("lora", "chameleon"):
+        adapted = copy.deepcopy(model)
+        more = (extra or {}).get(regime, {})
+        config = apply_regime(adapted, AdapterConfig(regime=regime, rank=more.get("train", {}).get("rank", 4))).config
+        with torch.no_grad():
+            for layer in lora_layers(adapted).values():
+                layer.lora_B.normal_(std=0.05)
+            if (head := hyper_head(adapted)) is not None:
+                head.hyper.net[-1].weight.normal_(std=0.5)
+        metadata = {"dataset": "synthetic", "embedding": {"max_length": 32}, **more}
+        save_bundle(out / regime, adapted, tokenizer, config, clusters, metadata, MODEL, Points(embeddings, labels, texts))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(engine, url) of the app running in a background thread; closed after the module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHAMELEON_CACHE", str(tmp_path_factory.mktemp("cache")))
+        bundle = make_bundle_set(tmp_path_factory.mktemp("bundles") / "tiny")
+        import app  # the page, at the repository's root (pytest's pythonpath)
+
+        engine = app.Engine(model_name=MODEL, bundle=bundle).start()
+        assert engine.wait(120) and engine.bundle_set is not None, engine.status()
+        with app.running(engine, server_port=free_port()) as url:
+            yield engine, url
+
+
+
 # ---------------------------------------------------------------- long subprocesses, run beside the rest
 # The notebooks (nbval) and `reproduce --profile tiny` run as subprocesses and take most of the suite's time,
 # while the tests in this process use one CPU thread (above). So a test marked ``early_run(name, command,
 # minutes=...)`` (``command(folder) -> argv``; ``minutes``, roughly, so the longest start first) has its
-# subprocess started as soon as collection ends, on one CPU thread, at most EARLY_WORKERS at a time, and runs
+# subprocess started as soon as collection ends, at most EARLY_WORKERS at a time, and runs
 # after every unmarked test, reading the finished process through the ``early_run`` fixture. A whole run
 # then costs about its CPU work shared by the cores instead of the sum of its parts.
 EARLY_WORKERS = 2
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class EarlyRuns:
@@ -156,8 +248,7 @@ class EarlyRuns:
     def _run(self, name: str, command: Callable[[Path], list[str]]) -> tuple[Path, subprocess.CompletedProcess]:
         folder = self.folder / name
         folder.mkdir()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        with subprocess.Popen(command(folder), cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+        with subprocess.Popen(command(folder), cwd=ROOT, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) as process:
             self.processes.add(process)
             stdout, stderr = process.communicate(timeout=1800)

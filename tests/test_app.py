@@ -6,8 +6,6 @@ import copy
 import json
 import os
 import re
-import socket
-import sys
 import time
 import unicodedata
 from pathlib import Path
@@ -19,76 +17,16 @@ import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from chameleon_core import AdapterConfig, Points, apply_regime, embed_texts, fit_clusters, load_model, load_synthetic, save_bundle
-from chameleon_core.hyper_head import hyper_head
-from chameleon_core import demo, inference
+from chameleon_core import demo, inference, load_model
 from chameleon_core.bundle import BundleError
 from chameleon_core.demo import COMPARED, find_bundle_set
 from chameleon_core.inference import MAX_REQUEST_TOKENS, adapter_summary, embed_prompts, generate_rows
-from chameleon_core.lora import lora_layers
 from chameleon_core.serving import measure_serving
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_inference import loaded_modules  # noqa: E402
+import app
+from conftest import LONG, MODEL, SIX_DOMAINS, loaded_modules, make_bundle_set
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py sits at the repository root
-import app  # noqa: E402
-
-MODEL = "random:tiny-gpt2"
-SIX_DOMAINS = [  # one prompt from each of the synthetic corpus's domains, which the tiny set's clusters follow
-    "Whisk the butter, then fold the dough and bake it until golden.",
-    "The telescope tracked a faint comet across the spiral galaxy.",
-    "The striker scored a late penalty to keep the league unbeaten.",
-    "Refinance the loan before the quarterly dividend is taxed.",
-    "Refactor the recursive function and cache the parsed query.",
-    "The surgeon prescribed a lower dose for the chronic fever.",
-]
 ACCENTED = SIX_DOMAINS[0].replace("golden", "doré")  # NFC: é is one code point
-LONG = " ".join(f"zq{i % 7}x" for i in range(400))  # 2,000 characters, over 1,000 tokens for the tiny tokenizer
-
-
-def make_bundle_set(out: Path, extra: dict[str, dict] | None = None) -> Path:
-    """A lora/ + chameleon/ set on random:tiny-gpt2 with synthetic-corpus clusters and points.
-
-    The adapters are random rather than trained (fast), and large enough that each cluster's
-    generated head update changes what the model writes. ``extra[regime]``: metadata added to that
-    bundle's (the rank of a ``train`` record is the adapter's).
-    """
-    model, tokenizer = load_model(MODEL)
-    texts = [record.condition for record in load_synthetic()["train"][:300]]
-    embeddings = embed_texts(model, tokenizer, texts, max_length=32)
-    clusters, labels = fit_clusters(embeddings, k=6, seed=0)
-    torch.manual_seed(0)
-    for regime in ("lora", "chameleon"):
-        adapted = copy.deepcopy(model)
-        more = (extra or {}).get(regime, {})
-        config = apply_regime(adapted, AdapterConfig(regime=regime, rank=more.get("train", {}).get("rank", 4))).config
-        with torch.no_grad():
-            for layer in lora_layers(adapted).values():
-                layer.lora_B.normal_(std=0.05)
-            if (head := hyper_head(adapted)) is not None:
-                head.hyper.net[-1].weight.normal_(std=0.5)
-        metadata = {"dataset": "synthetic", "embedding": {"max_length": 32}, **more}
-        save_bundle(out / regime, adapted, tokenizer, config, clusters, metadata, MODEL, Points(embeddings, labels, texts))
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(engine, url) of the app running in a background thread; closed after the module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CHAMELEON_CACHE", str(tmp_path_factory.mktemp("cache")))
-        bundle = make_bundle_set(tmp_path_factory.mktemp("bundles") / "tiny")
-        engine = app.Engine(model_name=MODEL, bundle=bundle).start()
-        assert engine.wait(120) and engine.bundle_set is not None, engine.status()
-        with app.running(engine, server_port=free_port()) as url:
-            yield engine, url
 
 
 @pytest.fixture(scope="module")
@@ -334,10 +272,9 @@ def test_a_full_queue_says_to_come_back(served, client, monkeypatch):
 
 
 def test_the_serving_measurement_goes_through_the_page(served):
-    bundle_set = served[0].bundle_set
-    with app.running(app.Engine.serving(bundle_set)) as url:
-        result = measure_serving(bundle_set, clients=(2,), requests_per_client=1, max_new_tokens=4, url=url,
-                                 prompts=SIX_DOMAINS)
+    engine, url = served  # the page serving this bundle set
+    result = measure_serving(engine.bundle_set, clients=(2,), requests_per_client=1, max_new_tokens=4, url=url,
+                             prompts=SIX_DOMAINS)
     [http] = [run for run in result["runs"] if run["mode"] == "http"]
     assert http["requests"] == http["same_as_alone"] == 2 and http["speedup"] > 0
     assert 0 < http["first_token_p50_s"] < http["latency_p95_s"]  # the first token arrives before the whole answer
@@ -449,8 +386,8 @@ def test_training_settings_that_differ_are_shown_per_column(tmp_path):
     train = {"lora": {"rank": 8, "epochs": 2, "max_length": 64}, "chameleon": {"rank": 4, "epochs": 1, "max_length": 32}}
     path = make_bundle_set(tmp_path / "set", {regime: {"train": settings, "rows": {"train": 300 if regime == "lora" else 200}}
                                               for regime, settings in train.items()})
-    engine = app.Engine.serving(demo.open_bundle_set(MODEL, path, build=False))
-    assert ("Static LoRA: rank 8, 2 epoch(s) on 300 synthetic rows of up to 64 tokens; ChameleonLLM: rank 4, "
+    engine = app.Engine(model_name=MODEL, bundle=path).start()
+    assert engine.wait(120) and ("Static LoRA: rank 8, 2 epoch(s) on 300 synthetic rows of up to 64 tokens; ChameleonLLM: rank 4, "
             "1 epoch(s) on 200 synthetic rows of up to 32 tokens, prompts in plain text") in engine.status()
     engine.close()
 

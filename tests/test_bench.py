@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from chameleon_core import AdapterConfig, apply_regime, conditioned, default_k, hyper_head, load_model, mean_embedding
-from chameleon_core.bench import (
-    SWEEP_TARGETS, TARGETS, BenchCheckError, BenchSettings, DenseHyperLoRAHead, Variant, adapter_name, bench_markdown,
-    build_variants, check_paths, dense, format_report, run_bench, score, sweep_variants,
+from chameleon_core.bench import SWEEP_TARGETS, TARGETS, BenchSettings, run_bench
+from chameleon_core.report import bench_markdown, format_report
+from chameleon_core.variants import (
+    BenchCheckError, DenseHead, Variant, adapter_name, build_variants, check_paths, dense, score, sweep_variants,
 )
 from chameleon_core.cli import build_parser, main
-from chameleon_core.hyper_head import ConditionedHead
+from chameleon_core.hyper_head import ConditionedHead, conditioned_head
+from conftest import make_bundle_set
 
 SECTIONS = ("scoring", "generation", "training")
 SCORED = ("base", "lora", "lora-merged", "chameleon")
@@ -159,7 +161,7 @@ def test_dense_head_equals_factored_head(tiny_gpt2):
     with torch.no_grad():
         hyper_head(model).hyper.net[-1].weight.normal_(std=0.2)
     naive = dense(model)
-    assert isinstance(hyper_head(naive), DenseHyperLoRAHead) and not isinstance(hyper_head(model), DenseHyperLoRAHead)
+    assert isinstance(conditioned_head(naive), DenseHead) and conditioned_head(naive).head is not hyper_head(model)
     ids = torch.randint(model.config.vocab_size, (4, 7))
     embeddings = mean_embedding(model, ids)
     for conditioning in ("batch", "example"):
@@ -183,7 +185,7 @@ def test_a_wrong_path_fails_the_checks(breakage, monkeypatch):
     variants = build_variants(base, QUICK)
     if breakage == "dense head without its update":
         broken = dense(variants["chameleon-merged"].model)
-        hyper_head(broken).scale = 0.0
+        conditioned_head(broken).scale = 0.0
         variants["naive"] = Variant(broken, "broken")
         expected = ["factored head equals dense"]
     else:
@@ -272,10 +274,6 @@ def test_the_committed_serving_run_served_real_prompts_and_kept_every_answer():
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory):
     """``bench --sections serving`` on a tiny bundle set, written into a file that already holds shapes."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_app import make_bundle_set  # the tiny set the app's tests serve
-
     bundle = make_bundle_set(tmp_path_factory.mktemp("bundles") / "tiny")
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     earlier = {"machine": {"cpu": "earlier"}, "settings": {"repeats": 5}, "memory_method": None, "shapes": {"x": {}}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -18,8 +17,8 @@ if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_app import SIX_DOMAINS, app, served  # noqa: E402, F401  (the in-process server fixture)
+import app  # noqa: E402
+from conftest import SIX_DOMAINS  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run", "--disable-sync", "--disable-quic"]

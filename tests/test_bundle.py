@@ -18,6 +18,7 @@ from chameleon_core import (
     load_model, mean_embedding, model_fingerprint, save_bundle,
 )
 from chameleon_core.bundle import Points, read_bundle_config, share_bundle, write_checksums
+from conftest import edit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # With the training record ``train`` writes (metadata.train), here the settings the ``saved`` bundle was made with.
@@ -44,15 +45,6 @@ def conditioned_logits(model, batch: BatchEncoding, clusters: Clusters | None = 
         context = conditioned(model, embeddings, "centroid", clusters.assign(embeddings)[0], clusters.centroids)
     with torch.no_grad(), context:
         return model(**batch).logits
-
-
-def edit_config(path: Path, change) -> None:
-    """``change(config)`` applied to the bundle's config.json, its checksums rewritten: an edit made on purpose,
-    which only the settings' own checks can catch."""
-    config = json.loads((path / "config.json").read_text())
-    change(config)
-    (path / "config.json").write_text(json.dumps(config))
-    write_checksums(path)
 
 
 @dataclass

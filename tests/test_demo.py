@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +14,8 @@ from chameleon_core.bundle import load_bundle, read_bundle_config
 from chameleon_core.demo import find_bundle_set
 from chameleon_core.serving import Scheduler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_app import free_port  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # app.py sits at the repository root
-import app  # noqa: E402
+import app
+from conftest import free_port
 
 COMMITTED = app.BUNDLES / "smollm2-alpaca"
 INSTRUCTIONS = app.EXAMPLES["Everyday instructions"].splitlines()[:2]

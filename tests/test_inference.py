@@ -32,16 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALPACA = "Below is an instruction.\n\n### Instruction:\n{prompt}\n\n### Response:\n"
 LONG = " ".join(f"zq{i % 7}x" for i in range(400))  # 2,000 characters, over 1,000 tokens for the tiny tokenizer
 
-
-def loaded_modules(code: str, **env: str) -> set[str]:
-    """The ``chameleon_core`` modules a fresh interpreter holds after running ``code``."""
-    report = "import sys; print(*(name for name in sys.modules if name.startswith('chameleon_core')))"
-    done = subprocess.run(
-        [sys.executable, "-c", f"{code}\n{report}"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return set(done.stdout.splitlines()[-1].split())
+from conftest import loaded_modules
 
 
 def test_inference_imports_neither_training_nor_the_demo():
@@ -183,7 +174,7 @@ def test_settings_come_back_as_clean_ints(raw, clean):
 def test_the_generate_command_refuses_a_negative_seed_in_one_line(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "chameleon_core", "generate", "--bundle", str(tmp_path), "--prompt", "hi", "--seed", "-5"],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == ["error: Seed must be an integer from 0 to 2**32 - 1 (4,294,967,295); got -5."]

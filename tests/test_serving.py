@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +13,7 @@ from chameleon_core.demo import COMPARED, BundleSet, length_buckets, make_reques
 from chameleon_core.inference import InputError
 from chameleon_core.serving import Busy, Scheduler, Stopped, measure_serving
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_app import LONG, MODEL, SIX_DOMAINS, make_bundle_set  # noqa: E402
+from conftest import LONG, MODEL, SIX_DOMAINS, make_bundle_set
 
 COOKING, SPACE, SPORT, FINANCE, CODE, MEDICINE = SIX_DOMAINS
 MORE_COOKING = "Simmer the onions slowly, then season the sauce with fresh thyme."
