@@ -1,7 +1,6 @@
 """``python -m chameleon_core params``: the trainable parameters of each regime, consistent across regimes."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
