@@ -41,7 +41,7 @@ def test_quick_mode_passes_every_correctness_check(quick):
     assert list(quick["shapes"]) == ["random:tiny-gpt2", "random:tiny-llama"]
     for shape in quick["shapes"].values():
         checks = {check["name"]: check for check in shape["checks"]}
-        assert len(checks) == 34 and all(check["passed"] for check in checks.values())
+        assert len(checks) == len(shape["checks"]) and all(check["passed"] for check in checks.values())  # names unique
         assert "factored head equals dense W + dW head" in checks
         assert "mixed batch equals cluster 3 run alone (greedy tokens)" in checks
         for name in SWEPT:

@@ -72,6 +72,30 @@ def test_batches_are_cluster_homogeneous_and_shard_across_processes():
     assert {tuple(b) for s in shards for b in s} == {tuple(b) for b in single}
 
 
+def test_the_shuffled_condition_is_always_another_clusters_centroid(monkeypatch):
+    """"Another cluster's adapter" (README's finding) rests on this: every evaluated batch is conditioned on the
+    centroid of a cluster that is not its own, drawn at random."""
+    from chameleon_core import train as train_module
+
+    model, tok = load_model("random:tiny-gpt2")
+    config = TrainConfig(**TINY, regime="chameleon")
+    train_split, _, test_split, clusters, _ = prepare(config, model, tok)
+    used = []  # (the batch's own cluster, the cluster whose centroid conditioned it)
+    real = train_module._conditioned
+
+    def spy(model, split, idx, config, clusters, cond=None):
+        own = int(clusters.assign(split.encoded.cond[idx].mean(0, keepdim=True))[0])
+        used.append((own, int(clusters.assign(cond[:1])[0])))
+        return real(model, split, idx, config, clusters, cond)
+
+    monkeypatch.setattr(train_module, "_conditioned", spy)
+    for split in (train_split, test_split):
+        train_module.evaluate(model, split, config, clusters, tok.pad_token_id, shuffle_condition=True)
+    assert clusters.k > 2 and len(used) > clusters.k
+    assert all(own != other for own, other in used)
+    assert len({other for _, other in used}) > 1  # drawn, not one fixed cluster
+
+
 def test_bundle_written_by_training_evaluates_to_the_same_loss(tmp_path):
     result = train(TrainConfig(**TINY, regime="chameleon", epochs=1), tmp_path / "run", show_progress=False)
     bundle = load_bundle(tmp_path / "run")
