@@ -33,7 +33,7 @@ from .clustering import Clusters
 from .hyper_head import conditioned_head
 from .lora import lora_layers, output_head_name
 from .models import SMOLLM2, SMOLLM2_HUB, SMOLLM2_INSTALL, load_model, load_tokenizer, model_fingerprint
-from .regimes import AdapterConfig, adapter_state, apply_regime
+from .regimes import STATIC, AdapterConfig, adapter_state, apply_regime
 
 FORMAT, VERSION = "chameleon-bundle", 1
 CHECKSUMS = "checksums.json"
@@ -450,7 +450,7 @@ def export_bundle_peft(path: str | Path, out: str | Path, model: PreTrainedModel
 
 def export_peft(path: str | Path, model: PreTrainedModel, adapter: AdapterConfig, base_model: str | None = None) -> Path:
     """Write static LoRA in PEFT's adapter format (``PeftModel.from_pretrained`` reads it)."""
-    if adapter.regime not in ("lora", "lora-head", "lora-matched"):
+    if adapter.regime not in STATIC:
         raise BundleError(f"only static LoRA exports to PEFT; regime {adapter.regime!r} has a hyper-network head")
     layers = lora_layers(model)
     factors = {name: (layer.lora_A, layer.lora_B) for name, layer in layers.items()}

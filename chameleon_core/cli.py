@@ -29,7 +29,7 @@ from .hyper_head import CONDITIONING
 from .lora import LORA_INITS
 from .models import DEFAULT_MODEL, MODEL_HELP, load_model
 from .protocols import PROTOCOLS
-from .regimes import REGIMES, AdapterConfig, apply_regime, trainable_parameters
+from .regimes import REGIMES, ROUTED, AdapterConfig, apply_regime, trainable_parameters
 from .report import format_report, write_readme
 from .reproduce import PROFILES, profile_settings, reproduce, results_markdown
 from .train import SAMPLERS, TrainConfig, evaluate_bundle, train
@@ -52,7 +52,7 @@ def params(args: argparse.Namespace) -> dict:
             entry["head"] = trainable_parameters(model.get_submodule(report.head_module))
             entry["layers"] = entry["trainable"] - entry["head"]
             entry["lora_rank"] = report.config.lora_rank
-        if regime == "lora-per-cluster":
+        if regime in ROUTED:
             entry["clusters"] = report.config.clusters
         regimes[regime] = entry
     result["regimes"] = regimes
@@ -88,6 +88,9 @@ def _add_training_settings(parser: argparse.ArgumentParser) -> None:
     _setting(parser, "max_eval_rows", "default: all", type=int)
     _setting(parser, "patience", "stop once validation loss has not improved for this many epochs and keep the best "
              "epoch's adapters (--epochs is then the most; default: train every epoch)", type=int)
+    _setting(parser, "cached_features", "head-only regimes (lora-head, chameleon-head): run the frozen transformer "
+             "once per split and train the head on its cached hidden states (the same losses where the transformer "
+             "has no dropout; reproduce: its head-only rows)", action="store_true")
     _setting(parser, "data_seed", type=int)
     _setting(parser, "device", f"{DEVICE_HELP} (default: {TRAIN_DEFAULTS['device']})")
 

@@ -47,6 +47,7 @@ from .inference import (
     row_seeds,
 )
 from .models import default_cache_dir, load_model, model_fingerprint
+from .regimes import STATIC
 
 COMPARED = {"base": "Base", "lora": "Static LoRA", "chameleon": "ChameleonLLM"}  # regime -> display name
 MIN_UMAP_POINTS = 30  # fewer training points than this are projected with PCA
@@ -266,7 +267,7 @@ class BundleSet:
     def __init__(self, path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: Bundle, chameleon: Bundle):
         if chameleon.adapter.regime != "chameleon" or hyper_head(chameleon.model) is None:
             raise BundleError(f"{path}/chameleon holds a {chameleon.adapter.regime!r} bundle, not a ChameleonLLM one")
-        if lora.adapter.regime not in ("lora", "lora-head", "lora-matched"):
+        if lora.adapter.regime not in STATIC:
             raise BundleError(f"{path}/lora holds a {lora.adapter.regime!r} bundle, not a static LoRA one")
         if chameleon.clusters is None:
             raise BundleError(f"{path}/chameleon holds no trained clusters (clusters.safetensors)")

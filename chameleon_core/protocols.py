@@ -103,6 +103,13 @@ class Protocol:
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), target, ignore_index=IGNORE, reduction="none")
         return nll.sum(1), (target != IGNORE).sum(1)
 
+    def scored_positions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row's positions whose logits :meth:`row_terms` reads, and the token each is scored on (IGNORE:
+        read but not scored): every position whose next token is a target (:mod:`.features` caches these)."""
+        target = labels[1:]
+        positions = (target != IGNORE).nonzero().squeeze(1)
+        return positions, target[positions]
+
     def split_loss(self, sums: list[float], counts: list[int]) -> float:
         """A split's loss from its batches' :meth:`loss_terms`: the mean over every scored token."""
         return sum(sums) / max(sum(counts), 1)
@@ -190,6 +197,12 @@ class PaperProtocol(Protocol):
         scored = (target != PAPER_IGNORE_ID) & (target != IGNORE)
         nll = F.cross_entropy(logits[:, -1].float(), target.clamp(min=0), reduction="none")
         return nll * scored, scored.long()
+
+    def scored_positions(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last position, scored on the token it has just read unless that is masked or padding's id."""
+        target = labels[-1:]
+        scored = (target != PAPER_IGNORE_ID) & (target != IGNORE)
+        return torch.tensor([len(labels) - 1]), torch.where(scored, target, torch.full_like(target, IGNORE))
 
     def split_loss(self, sums: list[float], counts: list[int]) -> float:
         """The mean of per-batch means, as published."""

@@ -30,7 +30,12 @@ from .lora import (
 # range it overflows.
 MAX_SCALE = 1000.0
 REGIMES = ("base", "lora-head", "lora", "chameleon", "chameleon-head", "lora-matched", "chameleon-constant", "lora-per-cluster")
-HEAD_ONLY = ("lora-head", "chameleon-head")  # no layer LoRA
+# What each regime is, in one place (the trainer, bundles, the demo and the CLI read these):
+HEAD_ONLY = ("lora-head", "chameleon-head")  # no layer LoRA: only the output head is adapted
+STATIC = ("lora-head", "lora", "lora-matched")  # static LoRA alone: one adapter for every input (exports to PEFT)
+HYPER_HEADS = ("chameleon", "chameleon-head", "chameleon-constant")  # a hyper-network generates the head's update
+CONDITIONED = ("chameleon", "chameleon-head")  # ... reading the condition (chameleon-constant reads a learned vector)
+ROUTED = ("lora-per-cluster",)  # each row's head adapter is its nearest training centroid's
 
 
 @dataclass(frozen=True)
@@ -151,20 +156,20 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
         config = replace(config, targets=tuple(config.targets or default_targets(model)))
     if config.regime == "lora-matched" and not config.matched_rank:
         config = replace(config, matched_rank=choose_matched_rank(model, config))
-    if config.regime == "lora-per-cluster" and not config.clusters:
+    if config.regime in ROUTED and not config.clusters:
         config = replace(config, clusters=1)
     report = RegimeReport(config)
     r, alpha = config.lora_rank, config.lora_alpha
     if config.regime not in HEAD_ONLY:
         report.layer_modules = inject_lora(model, config.targets, r, alpha, config.init)
     name = output_head_name(model)
-    if config.regime in ("chameleon", "chameleon-head", "chameleon-constant"):
+    if config.regime in HYPER_HEADS:
         head = HyperLoRAHead(
             model.get_submodule(name), model.get_input_embeddings().embedding_dim, config.rank, config.alpha,
             config.hyper_hidden, config.hyper_dropout, constant=config.regime == "chameleon-constant",
         )
         set_module(model, name, head)
-    elif config.regime == "lora-per-cluster":
+    elif config.regime in ROUTED:
         set_module(model, name, ClusterLoRAHead(model.get_submodule(name), config.clusters, r, alpha, config.init))
     else:
         inject_head_lora(model, r, alpha, config.init)

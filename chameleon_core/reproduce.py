@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .paired import DELTA, describe, paired_difference, read_rows
 from .protocols import PROTOCOLS
+from .regimes import HEAD_ONLY
 from .train import TrainConfig, finished_run, train
 
 HEADLINE = {
@@ -129,8 +130,10 @@ def reproduce(
             runs = []
             gather = collect_only or protocol not in protocols or (
                 only is not None and f"{protocol}/{_slug(name)}" not in only)
+            # cached features serve the head-only rows; the others adapt the transformer and run it every step
+            cached = base.cached_features and overrides.get("regime", base.regime) in HEAD_ONLY
             for seed in row_seeds:
-                config = replace(base, protocol=protocol, seed=seed, **overrides)
+                config = replace(base, protocol=protocol, seed=seed, **{**overrides, "cached_features": cached})
                 folder = out / "runs" / protocol / _slug(name) / f"seed{seed}"
                 if gather:
                     runs += [done] if (done := finished_run(folder, config)) else []

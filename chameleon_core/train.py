@@ -30,15 +30,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .bundle import Points, load_bundle, read_bundle_config, save_bundle
 from .clustering import ClusterBatchSampler, Clusters, RandomBatchSampler, fit_clusters
 from .data import INSTRUCTION_DATASETS, Record, load_dataset_splits
+from .features import Features, cached_features
+from .features import row_terms as feature_row_terms
 from .hyper_head import adapter_diversity, conditioned, conditioned_head
 from .models import load_model, resolve_device
-from .protocols import Encoded, get_protocol
-from .regimes import AdapterConfig, adapter_state, apply_regime, trainable_parameters
+from .protocols import Encoded, Protocol, get_protocol
+from .regimes import CONDITIONED, HEAD_ONLY, ROUTED, AdapterConfig, adapter_state, apply_regime, trainable_parameters
 
 SAMPLERS = ("cluster", "random")
 POINTS_IN_BUNDLE = 2000
 ROWS_FILE = "rows.json"  # beside metrics.json: every evaluated row's loss, for paired comparisons
-CONDITIONED_REGIMES = ("chameleon", "chameleon-head")  # the regimes whose head reads the condition
 
 MAX_SEED = 2**32 - 1  # NumPy takes 32-bit seeds
 
@@ -76,6 +77,7 @@ class TrainConfig:
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
     patience: int | None = None  # stop once validation loss has not improved for this many epochs; keep the best
+    cached_features: bool = False  # head-only regimes: train the head on the frozen transformer's cached states
     device: str = "auto"
 
     def __post_init__(self):
@@ -122,6 +124,7 @@ class Split:
     name: str
     encoded: Encoded
     labels: torch.Tensor
+    features: Features | None = None  # the frozen transformer's hidden states (head-only regimes, cached_features)
 
 
 def seed_everything(seed: int) -> None:
@@ -155,7 +158,7 @@ def _conditioned(model, split: Split, idx: list[int], config: TrainConfig, clust
     """
     device = next(model.parameters()).device
     emb = (split.encoded.cond[idx] if cond is None else cond).to(device)
-    routed = config.regime == "lora-per-cluster" or config.conditioning == "centroid"
+    routed = config.regime in ROUTED or config.conditioning == "centroid"
     # "batch" reads the whole batch's mean: the batch is one cluster, or (random batches) the ablation's mix
     ids = clusters.assign(emb)[0] if routed else None
     return conditioned(model, emb, config.conditioning, ids, clusters.centroids)
@@ -184,9 +187,8 @@ def evaluate(
             own = int(clusters.assign(split.encoded.cond[idx].mean(0, keepdim=True))[0])
             other = (own + 1 + int(rng.integers(clusters.k - 1))) % clusters.k if clusters.k > 1 else own
             cond = clusters.centroids[other].expand(len(idx), -1)
-        batch = {k: v.to(device) for k, v in protocol.collate(split.encoded, idx, pad_id).items()}
         with _conditioned(model, split, idx, config, clusters, cond):
-            row_sums, row_counts = protocol.row_terms(protocol.forward_logits(model, batch), batch["labels"])
+            row_sums, row_counts = _row_terms(model, split, idx, protocol, pad_id, device)
         row_loss[idx], row_targets[idx] = row_sums.cpu().double().numpy(), row_counts.cpu().numpy()
         if n := int(row_counts.sum()):
             sums.append(float(row_sums.sum()))
@@ -195,6 +197,17 @@ def evaluate(
     loss = protocol.split_loss(sums, counts)
     per_row = {"keys": row_keys(split.encoded.texts), "loss": row_loss.tolist(), "targets": row_targets.tolist()}
     return {"loss": loss, "ppl": math.exp(min(loss, 700)), "targets": sum(counts), "rows": len(split.encoded), "per_row": per_row}
+
+
+def _row_terms(model, split: Split, idx: list[int], protocol: Protocol, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) summed loss and (B,) scored targets of the rows ``idx``: through the whole model, or, where the split
+    carries cached features, through the model's output head alone (the same numbers for a head-only regime)."""
+    if split.features is not None:
+        hidden, targets = split.features.collate(idx)
+        logits = model.get_output_embeddings()(hidden.to(device))  # (B, T, V) at the scored positions
+        return feature_row_terms(logits, targets.to(device))
+    batch = {k: v.to(device) for k, v in protocol.collate(split.encoded, idx, pad_id).items()}
+    return protocol.row_terms(protocol.forward_logits(model, batch), batch["labels"])
 
 
 def row_keys(texts: list[str]) -> list[str]:
@@ -277,6 +290,9 @@ def train(
     """
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if config.cached_features and config.regime not in HEAD_ONLY:
+        raise ValueError(f"cached_features (--cached-features) needs a head-only regime ({', '.join(HEAD_ONLY)}); "
+                         f"{config.regime!r} adapts the transformer, whose hidden states then change as it trains")
     device = resolve_device(config.device)  # a device asked for and missing is refused before any work
     out = _run_folder(out)
     if not resume and not overwrite and (held := _held_run(out)):
@@ -303,9 +319,15 @@ def train(
     seed_everything(config.seed)  # after loading: a random model seeds itself while it is built
     report(0.05, f"encoding {config.dataset} ({config.protocol} protocol)")
     train_split, val_split, eval_split, clusters, info = prepare(config, model, tokenizer)
-    adapter = apply_regime(model, replace(config.adapter, clusters=clusters.k)).config
     pad_id = tokenizer.pad_token_id
     protocol = get_protocol(config.protocol)
+    if config.cached_features:  # before the adapters: the frozen transformer's states, once per split
+        if accelerator.num_processes > 1:
+            raise ValueError("cached_features (--cached-features) trains in one process; leave it out with accelerate")
+        report(0.07, "computing the transformer's hidden states (cached)")
+        for split in {id(split): split for split in (train_split, val_split, eval_split)}.values():  # eval may be val
+            split.features = cached_features(model, split.encoded, protocol, pad_id, progress=show_progress)
+    adapter = apply_regime(model, replace(config.adapter, clusters=clusters.k)).config
     history, start_epoch = [], 0
     best = None  # with patience: {"epoch", "val" (its evaluation), "adapter"} of the lowest validation loss so far
     params = [p for p in model.parameters() if p.requires_grad]
@@ -331,10 +353,9 @@ def train(
         epoch_batches = batches(train_split, config, config.seed, epoch, accelerator.process_index, accelerator.num_processes)
         bar = tqdm(epoch_batches, desc=f"{config.regime} epoch {epoch + 1}/{epochs}", disable=not show_progress or not accelerator.is_main_process, leave=False)
         for step, idx in enumerate(bar):
-            batch = {k: v.to(accelerator.device) for k, v in protocol.collate(train_split.encoded, idx, pad_id).items()}
             with _conditioned(core, train_split, idx, config, clusters):
-                loss_sum, n = protocol.loss_terms(protocol.forward_logits(model, batch), batch["labels"])
-                loss = loss_sum / n.clamp(min=1)
+                row_sums, row_counts = _row_terms(model, train_split, idx, protocol, pad_id, accelerator.device)
+                loss = row_sums.sum() / row_counts.sum().clamp(min=1)
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
                     raise TrainingDiverged(
@@ -379,7 +400,7 @@ def train(
     }
     if best is not None:
         result["best_epoch"] = best["epoch"]
-    if config.regime in CONDITIONED_REGIMES:
+    if config.regime in CONDITIONED:
         result["eval_shuffled_condition"] = evaluate(core, eval_split, config, clusters, pad_id, shuffle_condition=True)
     rows = {key: result[key].pop("per_row") for key in ("eval", "eval_shuffled_condition") if key in result}
     if (head := conditioned_head(core)) is not None:
@@ -560,12 +581,12 @@ def _needs_clusters(config: TrainConfig, regime: str) -> str | None:
     the result when the hyper head conditions on each batch, or when the protocol's loss depends on
     them (paper: a mean of per-batch means); static adapters and a constant hyper input need neither.
     """
-    if regime == "lora-per-cluster":
+    if regime in ROUTED:
         return "each row uses the head adapter of its nearest trained centroid"
-    if regime in CONDITIONED_REGIMES and config.conditioning == "centroid":
+    if regime in CONDITIONED and config.conditioning == "centroid":
         return "the hyper head is conditioned on the trained centroids"
     if config.sampler == "cluster" and not config.is_transductive:
-        if regime in CONDITIONED_REGIMES:
+        if regime in CONDITIONED:
             return "batches are formed by the trained clusters and the hyper head is conditioned on each batch"
         if get_protocol(config.protocol).loss_depends_on_batches:
             return f"batches are formed by the trained clusters and the {config.protocol} protocol's loss depends on them"

@@ -266,8 +266,13 @@ def _early_marker(item: pytest.Item):
     return item.get_closest_marker("early_run")
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config, items) -> None:
-    """The tests that wait for an early subprocess go last (stable order), so the others run meanwhile."""
+    """Tests of the pretrained model or of an early subprocess are ``slow``; those that wait for an early
+    subprocess go last (stable order), so the others run meanwhile."""
+    for item in items:
+        if "smollm2" in item.fixturenames or _early_marker(item):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: _early_marker(item) is not None)
 
 

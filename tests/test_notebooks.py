@@ -292,6 +292,7 @@ def _refusal(name: str, answer: str, check: str) -> str:
             f"else:\n    raise RuntimeError({message!r})\nfinally:\n    {name} = _solved\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda path: path.stem)
 def test_solutions_run_and_each_check_refuses_a_copied_answer(path):
     """The solutions run top to bottom (every check passes them), and every check, run again with the answer

