@@ -51,7 +51,10 @@ from .embeddings import mean_embedding
 from .models import load_model, resolve_device
 from .serving import measure_serving
 from .timing import measure, memory_method, paired_ratio, summarize, summarize_sweep, sweep_key
-from .variants import build_variants, check_paths, generate, score, sweep_variants, train_step
+from .variants import (
+    Variant, adapted, build_variants, check_paths, generate, head_step, randomize_adapters, score, sweep_variants,
+    train_step,
+)
 
 EMBED_BATCH = 512  # rows embedded at a time, as embed_texts does
 TOPICS, TOPIC_WORDS = 512, 64  # cluster structure of the synthetic clustering rows
@@ -329,8 +332,28 @@ def bench_shape(base: PreTrainedModel, settings: BenchSettings) -> dict:
     result["training"] = summarize(*measure(steps, settings.repeats, device), trained, work, "tokens/s", "lora")
     for variant in trained.values():
         variant.model.eval()
+    result["head training"] = time_head_training(base, settings, ids, mask, work)
     result["clustering"] = time_clustering(base, settings)
     result["targets"] = evaluate_targets(result)
+    return result
+
+
+def time_head_training(base: PreTrainedModel, settings: BenchSettings, ids: torch.Tensor, mask: torch.Tensor,
+                       work: int) -> dict:
+    """The published configuration (``chameleon-head``) trained through the whole model, and on the transformer's
+    cached hidden states (``--cached-features``), side by side: what caching saves per step."""
+    model = adapted(base, "chameleon-head", settings.rank)
+    randomize_adapters(model)
+    with torch.no_grad():  # what the cache holds: the final hidden states, computed once
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    variants = {"chameleon-head": Variant(model, "hyper-LoRA head alone: the whole model, forward and backward"),
+                "chameleon-head, cached": Variant(model, "the same head on the transformer's cached hidden states")}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    steps = {"chameleon-head": partial(train_step, variants["chameleon-head"], optimizer, ids, mask),
+             "chameleon-head, cached": partial(head_step, variants["chameleon-head, cached"], optimizer, ids, mask, hidden)}
+    result = summarize(*measure(steps, settings.repeats, base.device), variants, work, "tokens/s", "chameleon-head")
+    model.eval()
     return result
 
 

@@ -349,7 +349,9 @@ def _serving_report(serving: dict) -> list[str]:
 def _shape_report(result: dict) -> list[str]:
     lines = []
     targets = {(t["section"], t["variant"]): t for t in result["targets"] if t["section"] != "sweep"}
-    for section in ("scoring", "generation", "training"):
+    for section in ("scoring", "generation", "training", "head training"):
+        if section not in result:  # head training: measured since cached hidden states exist
+            continue
         table = result[section]
         lines += ["", f"{section}: {table['unit']}, {table['work_per_call']} tokens per call",
                   f"{'variant':18} {table['unit']:>13} {'x ' + table['reference']:>8} {'peak MiB':>9} "
@@ -493,8 +495,8 @@ def _shape_markdown(result: dict) -> list[str]:
                       f"work and scored {noise['ratio']:.3f} x base in the same rounds."]
     lines += ["", "| Section | Variant | What it runs | Throughput | x reference | Peak MiB |",
               "|---|---|---|---:|---:|---:|"]
-    for section in ("scoring", "generation", "training"):
-        table = result[section]
+    for section in ("scoring", "generation", "training", "head training"):
+        table = result.get(section, {"variants": {}})  # head training: measured since cached hidden states exist
         for name, row in table["variants"].items():
             memory = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:,.0f}"
             lines.append(f"| {section} | {name} | {row['about']} | {row['throughput']:,.1f} {table['unit']} | "

@@ -237,6 +237,18 @@ def train_step(variant: Variant, optimizer: torch.optim.Optimizer, ids: torch.Te
     optimizer.zero_grad(set_to_none=True)
 
 
+def head_step(variant: Variant, optimizer: torch.optim.Optimizer, ids: torch.Tensor, mask: torch.Tensor,
+              hidden: torch.Tensor) -> None:
+    """A head-only regime's training step on the transformer's cached hidden states (``hidden``, (B, T, d);
+    :mod:`.features`): the head's logits, its adapters and their gradients, nothing of the transformer."""
+    with serving(variant, ids, mask):  # a conditioned head: the rows' condition
+        logits = variant.model.get_output_embeddings()(hidden)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 # ---------------------------------------------------------------- correctness (--quick)
 class BenchCheckError(AssertionError):
     """A timed path does not compute what it claims to."""

@@ -155,6 +155,15 @@ def test_mixed_batches_equal_per_cluster_runs_at_every_sweep_point(tiny):
         assert per_row[0] < 1e-5 and (per_row[1:] > 1e-2).all(), name
 
 
+def test_head_training_is_timed_through_the_whole_model_and_on_cached_states(quick):
+    for shape in quick["shapes"].values():
+        table = shape["head training"]
+        assert list(table["variants"]) == ["chameleon-head", "chameleon-head, cached"]
+        assert table["reference"] == "chameleon-head" and table["variants"]["chameleon-head"]["ratio"] == 1.0
+        assert table["variants"]["chameleon-head, cached"]["throughput"] > 0
+    assert "chameleon-head, cached" in format_report(quick) and "| head training | chameleon-head, cached |" in bench_markdown(quick)
+
+
 def test_dense_head_equals_factored_head(tiny_gpt2):
     model, _ = tiny_gpt2
     apply_regime(model, AdapterConfig("chameleon", rank=4))
