@@ -53,14 +53,9 @@ class DenseHead(ConditionedHead):
     def adapters(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.head.adapters(*args, **kwargs)
 
-    def condition(
-        self,
-        embeddings: torch.Tensor,
-        conditioning: str = "batch",
-        cluster_ids: torch.Tensor | None = None,
-        centroids: torch.Tensor | None = None,
-    ) -> None:
-        A, B, groups = self.adapters(embeddings, conditioning, cluster_ids, centroids)
+    def condition(self, *args, **kwargs) -> None:
+        """As :meth:`ConditionedHead.condition`, then each group's ``W + scale * B_g A_g`` built in full."""
+        A, B, groups = self.adapters(*args, **kwargs)
         self.weights = [self.base.weight + self.scale * (b @ a) for a, b in zip(A, B)]  # each (V, d)
         self.groups = groups.to(self.base.weight.device)
 
