@@ -43,7 +43,8 @@ TOKENIZER = "tokenizer"
 REQUIRED_KEYS = ("base_model", "base_fingerprint", "adapter")
 # Adapter settings the training record (metadata.train) holds too: a config.json whose adapter says
 # otherwise was edited after training, and the tensors only mean what they do at the trained values.
-TRAINED_SETTINGS = ("regime", "rank", "alpha", "init", "targets", "hyper_hidden", "hyper_dropout", "conditioning")
+TRAINED_SETTINGS = ("regime", "rank", "alpha", "init", "targets", "hyper_hidden", "hyper_dropout", "hyper_init",
+                    "conditioning")
 # metadata.embedding: how the conditioning embedding was made (embeddings.embed_texts' settings).
 EMBEDDING_SETTINGS = {"max_length": int, "mask_padding": bool, "pad_to_max_length": bool}
 

@@ -25,7 +25,7 @@ from .inference import (
     validate_prompts,
 )
 from .data import DATASETS
-from .hyper_head import CONDITIONING
+from .hyper_head import CONDITIONING, HYPER_INITS
 from .lora import LORA_INITS
 from .models import DEFAULT_MODEL, MODEL_HELP, load_model
 from .protocols import PROTOCOLS
@@ -81,6 +81,8 @@ def _add_training_settings(parser: argparse.ArgumentParser) -> None:
              type=_names)
     _setting(parser, "hyper_hidden", "hidden sizes of the hyper-network, e.g. 64,32 (default: 64,32)", type=_ints)
     _setting(parser, "hyper_dropout", "dropout inside the hyper-network (default: 0.5)", type=float)
+    _setting(parser, "hyper_init", "the hyper-network's output layer at the start: paper (N(0, 1e-3), an update near "
+             "zero) or lora (zero weights, bias a PEFT-initialised LoRA; default: paper)", choices=HYPER_INITS)
     _setting(parser, "max_length", type=int)
     _setting(parser, "context_tokens", type=int)
     _setting(parser, "k", "number of clusters (default: rows // batch size)", type=int)

@@ -26,6 +26,10 @@ from .lora import LORA_INITS, features
 
 # How a row's conditioning vector is formed: one vocabulary from the head up to the app.
 CONDITIONING = ("batch", "centroid", "example")
+# How the hyper-network's output layer starts: "paper", weights and bias N(0, 1e-3), a generated update near zero
+# for every condition (published); "lora", weights zero and bias a PEFT-initialised LoRA (A Kaiming-uniform,
+# B zero), so every condition starts from a working static LoRA and learns how to depart from it (Text-to-LoRA).
+HYPER_INITS = ("paper", "lora")
 
 
 class HyperNetwork(nn.Module):
@@ -39,8 +43,11 @@ class HyperNetwork(nn.Module):
         r: int,
         hidden: tuple[int, ...] = (64, 32),
         dropout: float = 0.5,
+        init: str = "paper",
     ):
         super().__init__()
+        if init not in HYPER_INITS:
+            raise ValueError(f"unknown hyper-network init {init!r}; choose from {HYPER_INITS}")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         layers: list[nn.Module] = []
         width = cond_dim
@@ -51,9 +58,15 @@ class HyperNetwork(nn.Module):
             layers += [linear, nn.ReLU(), nn.Dropout(dropout)]
             width = size
         out = nn.Linear(width, r * (in_features + out_features))
-        # Small outputs so the generated update starts near zero (published: N(0, 1e-3)).
-        nn.init.normal_(out.weight, std=1e-3)
-        nn.init.normal_(out.bias, std=1e-3)
+        if init == "paper":  # small outputs: the generated update starts near zero
+            nn.init.normal_(out.weight, std=1e-3)
+            nn.init.normal_(out.bias, std=1e-3)
+        else:  # every condition starts from one PEFT-initialised LoRA: A as LoRALayer's, B = 0
+            nn.init.zeros_(out.weight)
+            A = torch.empty(r, in_features)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            with torch.no_grad():
+                out.bias.copy_(torch.cat([A.flatten(), torch.zeros(out_features * r)]))
         self.net = nn.Sequential(*layers, out)
 
     def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +95,9 @@ class ConstantHyperNetwork(HyperNetwork):
         r: int,
         hidden: tuple[int, ...] = (64, 32),
         dropout: float = 0.5,
+        init: str = "paper",
     ):
-        super().__init__(cond_dim, in_features, out_features, r, hidden, dropout)
+        super().__init__(cond_dim, in_features, out_features, r, hidden, dropout, init)
         self.input = nn.Parameter(F.normalize(torch.randn(cond_dim), dim=0))
 
     def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +194,11 @@ class HyperLoRAHead(ConditionedHead):
         hidden: tuple[int, ...] = (64, 32),
         dropout: float = 0.5,
         constant: bool = False,
+        init: str = "paper",
     ):
         super().__init__(base, r, alpha)
         network = ConstantHyperNetwork if constant else HyperNetwork
-        self.hyper = network(cond_dim, self.in_features, self.out_features, r, hidden, dropout)
+        self.hyper = network(cond_dim, self.in_features, self.out_features, r, hidden, dropout, init)
         self.hyper.to(device=base.weight.device, dtype=base.weight.dtype)
 
     def adapters(

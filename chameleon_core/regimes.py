@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from .hyper_head import CONDITIONING, ClusterLoRAHead, ConditionedHead, HyperLoRAHead, HyperNetwork
+from .hyper_head import CONDITIONING, HYPER_INITS, ClusterLoRAHead, ConditionedHead, HyperLoRAHead, HyperNetwork
 from .lora import (
     LORA_INITS, LoRALayer, default_targets, features, inject_head_lora, inject_lora, output_head_name, set_module, target_modules,
 )
@@ -56,6 +56,7 @@ class AdapterConfig:
     conditioning: str = "batch"
     matched_rank: int = 0  # lora-matched only: the static rank chosen (0 until chosen)
     clusters: int = 0  # training clusters (set once k-means has run); lora-per-cluster holds a head LoRA each
+    hyper_init: str = "paper"  # the hyper-network's output layer at the start: hyper_head.HYPER_INITS
 
     def __post_init__(self):
         if self.regime not in REGIMES:
@@ -64,6 +65,8 @@ class AdapterConfig:
             raise ValueError(f"unknown conditioning {self.conditioning!r}; choose from {CONDITIONING}")
         if self.init not in LORA_INITS:
             raise ValueError(f"unknown LoRA init {self.init!r}; choose from {LORA_INITS}")
+        if self.hyper_init not in HYPER_INITS:
+            raise ValueError(f"unknown hyper-network init {self.hyper_init!r}; choose from {HYPER_INITS}")
         if any(size < 1 for size in self.hyper_hidden) or not 0 <= self.hyper_dropout < 1:
             raise ValueError(f"hyper_hidden sizes must be >= 1 and 0 <= hyper_dropout < 1, got "
                              f"{self.hyper_hidden} and {self.hyper_dropout}")
@@ -167,6 +170,7 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
         head = HyperLoRAHead(
             model.get_submodule(name), model.get_input_embeddings().embedding_dim, config.rank, config.alpha,
             config.hyper_hidden, config.hyper_dropout, constant=config.regime == "chameleon-constant",
+            init=config.hyper_init,
         )
         set_module(model, name, head)
     elif config.regime in ROUTED:

@@ -72,6 +72,7 @@ class TrainConfig:
     targets: tuple[str, ...] = ()  # empty: the architecture's defaults
     hyper_hidden: tuple[int, ...] = (64, 32)
     hyper_dropout: float = 0.5
+    hyper_init: str = "paper"  # the hyper-network's output layer at the start: hyper_head.HYPER_INITS
     k: int | None = None  # number of clusters; default N // batch_size (the paper)
     transductive: bool | None = None  # cluster the eval split itself; default: the protocol's (paper: yes)
     max_train_rows: int | None = None
@@ -109,7 +110,8 @@ class TrainConfig:
         """The adapter this run trains (its cluster count is set once k-means has run)."""
         return AdapterConfig(
             regime=self.regime, rank=self.rank, alpha=self.alpha, init=self.init, targets=self.targets,
-            hyper_hidden=self.hyper_hidden, hyper_dropout=self.hyper_dropout, conditioning=self.conditioning,
+            hyper_hidden=self.hyper_hidden, hyper_dropout=self.hyper_dropout, hyper_init=self.hyper_init,
+            conditioning=self.conditioning,
         )
 
     @property

@@ -34,8 +34,9 @@ def test_every_entry_point_refuses_an_unknown_conditioning_naming_the_choices(ca
 
 def test_the_training_config_carries_every_adapter_setting():
     config = TrainConfig(regime="chameleon", rank=2, alpha=8.0, init="paper", targets=["c_attn"], hyper_hidden=[16],
-                         hyper_dropout=0.1, conditioning="example")
-    assert config.adapter == AdapterConfig("chameleon", 2, 8.0, "paper", ("c_attn",), (16,), 0.1, "example")
+                         hyper_dropout=0.1, conditioning="example", hyper_init="lora")
+    assert config.adapter == AdapterConfig("chameleon", 2, 8.0, "paper", ("c_attn",), (16,), 0.1, "example",
+                                           hyper_init="lora")
     with pytest.raises(ValueError, match="unknown LoRA init 'xavier'"):
         TrainConfig(init="xavier")
     with pytest.raises(ValueError, match=r"hyper_hidden sizes must be >= 1 and 0 <= hyper_dropout < 1, got \(0,\)"):

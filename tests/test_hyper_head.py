@@ -1,6 +1,8 @@
 """Hyper-LoRA head: published parameter counts, per-row adapters in one pass, training, generation,
 and the adapter-diversity diagnostic."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from chameleon_core import (
     trainable_parameters,
 )
 from chameleon_core.hyper_head import ClusterLoRAHead, adapter_diversity
+from chameleon_core.lora import lora_layers, output_head_name
 
 CLUSTERS = torch.tensor([3, 1, 3, 0])  # rows 0 and 2 share a cluster; ids need not be 0..G-1
 
@@ -282,3 +285,39 @@ def test_adapter_diversity_of_a_constant_input_head_is_one_adapter(tiny):
     assert found["relative_spread"] <= 1e-6  # zero up to float64 rounding of a difference of equal sums
     one = adapter_diversity(hyper_head(model), centroids[:1])
     assert one["mean_cosine"] is None and one["min_cosine"] is None and one["relative_spread"] == 0
+
+
+@pytest.mark.parametrize("regime", ["chameleon-head", "chameleon"])
+def test_a_hyper_head_initialised_as_a_lora_is_that_static_lora_at_step_0(tiny, batch, regime):
+    """``hyper_init="lora"``: every condition gets the same PEFT-initialised adapter (B = 0), so the logits are the
+    base model's and the generated B gets exactly the gradient a static head LoRA's B gets with the same A."""
+    model, _ = tiny
+    static = copy.deepcopy(model)
+    apply_regime(model, AdapterConfig(regime, rank=4, hyper_init="lora"))
+    apply_regime(static, AdapterConfig("lora-head" if regime == "chameleon-head" else "lora", rank=4))
+    head, static_head = hyper_head(model), lora_layers(static)[output_head_name(static)]
+    conditions = F.normalize(torch.randn(3, head.hyper.net[0].in_features), dim=1)
+    A, B = head.hyper(conditions)
+    assert torch.equal(A[0], A[2]) and A.abs().max() > 0 and not B.any()  # one adapter, whatever the condition
+    with torch.no_grad():
+        static_head.lora_A.copy_(A[0])
+        for name, layer in lora_layers(static).items():  # the layers' LoRA (chameleon) is B = 0 on both sides
+            if name != output_head_name(static):
+                layer.lora_A.copy_(lora_layers(model)[name].lora_A)
+    model.eval(), static.eval()
+    labels = batch["input_ids"]
+    with conditioned(model, mean_embedding(model, batch["input_ids"], batch["attention_mask"])):
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+    reference = static(**batch, labels=labels)
+    reference.loss.backward()
+    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=1e-6)
+    # One group per batch and zero output weights: the output bias's B part gets exactly dL/dB of the generated B.
+    bias_grad = head.hyper.net[-1].bias.grad[A[0].numel():].reshape(B.shape[1:])
+    assert static_head.lora_B.grad.abs().max() > 0
+    torch.testing.assert_close(bias_grad, static_head.lora_B.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_an_unknown_hyper_init_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"unknown hyper-network init 'zeros'; choose from \('paper', 'lora'\)"):
+        AdapterConfig("chameleon", hyper_init="zeros")
