@@ -72,6 +72,25 @@ def test_batches_are_cluster_homogeneous_and_shard_across_processes():
     assert {tuple(b) for s in shards for b in s} == {tuple(b) for b in single}
 
 
+def test_two_processes_share_each_epoch_and_end_with_one_trained_run(tmp_path):
+    """``torchrun --nproc_per_node 2 -m chameleon_core train`` (accelerate reads torchrun's environment): each
+    process takes every other cluster batch, so an epoch is half the optimizer steps of one process, each the mean
+    gradient of two batches; the main process writes the run, and it trains as one process does."""
+    flags = ["--model", "random:tiny-gpt2", "--dataset", "synthetic", "--regime", "chameleon", "--epochs", "2",
+             "--lr", "1e-2", "--max-length", "48", "--max-train-rows", "64", "--max-eval-rows", "16", "--batch-size", "8"]
+    one = train(TrainConfig(model="random:tiny-gpt2", dataset="synthetic", regime="chameleon", epochs=2, lr=1e-2,
+                            max_length=48, max_train_rows=64, max_eval_rows=16, batch_size=8), tmp_path / "one",
+                show_progress=False)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "chameleon_core",
+                           "train", *flags, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["complete"] and 2 * two["steps"] == one["steps"]  # every batch once per epoch, shared by two
+    assert two["history"][-1]["val_loss"] < two["history"][0]["step_losses"][0]  # it trained
+    assert abs(two["eval"]["loss"] - one["eval"]["loss"]) < 0.5  # about where one process ends
+    assert load_bundle(tmp_path / "two").adapter == load_bundle(tmp_path / "one").adapter
+
+
 def test_the_shuffled_condition_is_always_another_clusters_centroid(monkeypatch):
     """"Another cluster's adapter" (README's finding) rests on this: every evaluated batch is conditioned on the
     centroid of a cluster that is not its own, drawn at random."""
