@@ -131,12 +131,18 @@ def reproduce(
             gather = collect_only or protocol not in protocols or (
                 only is not None and f"{protocol}/{_slug(name)}" not in only)
             # cached features serve the head-only rows; the others adapt the transformer and run it every step
-            cached = base.cached_features and overrides.get("regime", base.regime) in HEAD_ONLY
+            head_only = overrides.get("regime", base.regime) in HEAD_ONLY
+            cached = base.cached_features and head_only
+            row = out / "runs" / protocol / _slug(name)
+            if gather:  # every seed that finished, so a command naming fewer seeds never shrinks a table
+                row_seeds = sorted({*row_seeds, *(int(f.name[4:]) for f in row.glob("seed*") if f.name[4:].isdigit())})
             for seed in row_seeds:
                 config = replace(base, protocol=protocol, seed=seed, **{**overrides, "cached_features": cached})
-                folder = out / "runs" / protocol / _slug(name) / f"seed{seed}"
-                if gather:
-                    runs += [done] if (done := finished_run(folder, config)) else []
+                folder = row / f"seed{seed}"
+                if gather:  # a head-only run counts whether or not it ran on cached states (the same losses)
+                    done = finished_run(folder, config) or (
+                        head_only and finished_run(folder, replace(config, cached_features=not cached)))
+                    runs += [done] if done else []
                     continue
                 if show_progress:
                     tqdm.write(f"[{protocol}] {name} seed {seed}")  # on its own line, not after a bar
@@ -148,7 +154,7 @@ def reproduce(
             timed += [r.get("wall_seconds") for r in runs]
             table[name] = _row(runs)
             curves[name] = runs[0]["history"]
-            folders = {r["config"]["seed"]: out / "runs" / protocol / _slug(name) / f"seed{r['config']['seed']}" for r in runs}
+            folders = {r["config"]["seed"]: row / f"seed{r['config']['seed']}" for r in runs}
             per_row[name] = _saved_rows(folders, "eval")
             if name in SHUFFLED_ROWS:
                 table[shuffled_row(name)] = _row(runs, "eval_shuffled_condition")

@@ -1,6 +1,7 @@
 """`reproduce --profile tiny` end to end, and the README tables staying in sync with committed results."""
 
 import json
+from dataclasses import replace
 import math
 import shutil
 import sys
@@ -211,6 +212,25 @@ def test_training_one_protocol_keeps_the_other_protocols_finished_table(tmp_path
     assert list(results["protocols"]["causal"]["table"]) == ["chameleon", shuffled_row("chameleon")]
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["protocols"]["paper"]["table"] == results["protocols"]["paper"]["table"]
+
+
+def test_gathering_keeps_every_finished_seed_and_head_only_runs_with_or_without_cached_states(tmp_path, monkeypatch):
+    finished = {}
+
+    def fake_train(config, folder, **_):
+        folder.mkdir(parents=True)
+        return finished.setdefault(folder, {**_fake_run(config), "cached": config.cached_features})
+
+    monkeypatch.setattr(reproduce_module, "train", fake_train)
+    monkeypatch.setattr(reproduce_module, "finished_run",
+                        lambda folder, config: (run := finished.get(folder)) and run["cached"] == config.cached_features
+                        and run or None)
+    reproduce_module.reproduce(TrainConfig(), tmp_path, protocols=("causal",), seeds=[0, 1, 2], show_progress=False)
+    results = reproduce_module.reproduce(replace(TrainConfig(), cached_features=True), tmp_path, protocols=("causal",),
+                                         seeds=[0], show_progress=False, collect_only=True)
+    table = results["protocols"]["causal"]["table"]
+    assert table["chameleon"]["seeds"] == [0, 1, 2]  # not only the seed this command names
+    assert table["chameleon-head"]["seeds"] == [0, 1, 2]  # trained on the whole model, gathered with cached states
 
 
 def test_adapter_diversity_is_aggregated_over_seeds(tmp_path, monkeypatch):
