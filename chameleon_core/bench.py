@@ -46,7 +46,7 @@ from transformers import PreTrainedModel
 
 from .bundle import read_bundle_config
 from .clustering import fit_clusters
-from .demo import open_bundle_set
+from .bundle_set import open_bundle_set
 from .embeddings import mean_embedding
 from .models import load_model, resolve_device
 from .serving import measure_serving

@@ -19,9 +19,9 @@ from pathlib import Path
 from .bench import SECTIONS, BenchSettings, merge_runs, run_bench
 from .bundle import BundleError, export_bundle_peft, fetch_bundle, load_bundle, read_bundle_config, share_bundle
 from .card import write_model_card
-from .demo import open_bundle_set
+from .bundle_set import open_bundle_set
 from .inference import (
-    CLUSTERS, MAX_NEW_TOKENS, MAX_PROMPTS, answer_stops, assign, check_settings, embed_prompts, fit_prompts, generate,
+    CLUSTER_SOURCES, MAX_NEW_TOKENS, MAX_PROMPTS, Request, answer_stops, assign, embed_prompts, fit_prompts, generate,
     validate_prompts,
 )
 from .data import DATASETS
@@ -144,24 +144,22 @@ def _generate(args: argparse.Namespace) -> dict:
         text = Path(args.prompts_file).read_text(encoding="utf-8") if args.prompts_file else "\n".join(args.prompt or [])
     except UnicodeDecodeError as err:
         raise ValueError(f"--prompts-file {args.prompts_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    prompts = validate_prompts(text)
-    clusters, k, max_new_tokens, seed, do_sample = check_settings(
-        args.clusters, args.k, args.max_new_tokens, args.seed, "sample" if args.sample else "greedy"
-    )
+    request = Request.parse(validate_prompts(text), args.cluster_source, args.k, args.max_new_tokens, args.seed,
+                            "sample" if args.sample else "greedy")
     path = fetch_bundle(args.bundle)
     if (path / "config.json").is_file():  # a single bundle
         model = load_model(args.model)[0] if args.model else None
         bundle = load_bundle(path, model)
         template = bundle.metadata.get("prompt_template", "{prompt}")
-        fitted = fit_prompts(bundle.model, bundle.tokenizer, prompts, max_new_tokens, template)
+        fitted = fit_prompts(bundle.model, bundle.tokenizer, list(request.prompts), request.max_new_tokens, template)
         embeddings = embed_prompts(bundle, fitted.conditions)
-        assignment = assign(bundle, embeddings, clusters, k, seed)
+        assignment = assign(bundle, embeddings, request.cluster_source, request.k, request.seed)
         texts = generate(bundle.model, bundle.tokenizer, fitted.texts, embeddings, assignment.labels,
-                         assignment.centroids, max_new_tokens, do_sample, seed, bundle.adapter.conditioning,
-                         answer_stops(template))
-        result = {"bundle": str(path), "regime": bundle.adapter.regime, "clusters": clusters, "prompts": [
+                         assignment.centroids, request.max_new_tokens, request.do_sample, request.seed,
+                         bundle.adapter.conditioning, answer_stops(template))
+        result = {"bundle": str(path), "regime": bundle.adapter.regime, "cluster_source": request.cluster_source, "prompts": [
             {"prompt": p, "cluster": int(assignment.labels[i]), "distance": float(assignment.distances[i]), "generation": texts[i]}
-            for i, p in enumerate(prompts)]}
+            for i, p in enumerate(request.prompts)]}
     else:
         if not (path / "lora").is_dir() and not (path / "chameleon").is_dir():
             state = "it holds no config.json" if path.is_dir() else "the folder does not exist"
@@ -169,9 +167,9 @@ def _generate(args: argparse.Namespace) -> dict:
                               "config.json, a bundle set a lora/ and a chameleon/ bundle)")
         model_name = args.model or read_bundle_config(path / "chameleon")["base_model"]
         bundle_set = open_bundle_set(model_name, path, build=False)
-        comparison = bundle_set.compare(prompts, clusters, k, max_new_tokens, do_sample, seed)
+        comparison = bundle_set.compare(request)
         fitted = comparison.fitted
-        result = {"bundle_set": bundle_set.describe(), "clusters": clusters, "prompts": comparison.rows(),
+        result = {"bundle_set": bundle_set.describe(), "cluster_source": request.cluster_source, "prompts": comparison.rows(),
                   "adapters": [asdict(view) for view in comparison.adapters]}
     return {**result, "note": fitted.note()} if fitted.cut else result
 
@@ -300,9 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the one the bundles name)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
-    p.add_argument("--clusters", default="trained", choices=CLUSTERS,
-                   help="assign each prompt to its nearest trained cluster, or run k-means on the prompts (default: trained)")
-    p.add_argument("--k", type=int, default=3, help=f"clusters among the prompts with --clusters prompts (1-{MAX_PROMPTS})")
+    p.add_argument("--cluster-source", "--clusters", dest="cluster_source", default="trained", choices=CLUSTER_SOURCES,
+                   help="assign each prompt to its nearest trained cluster, or run k-means on the prompts (default: "
+                   "trained; --clusters is the older name)")
+    p.add_argument("--k", type=int, default=3,
+                   help=f"cluster count among the prompts with --cluster-source prompts (1-{MAX_PROMPTS})")
     p.add_argument("--max-new-tokens", type=int, default=32, help=f"1-{MAX_NEW_TOKENS}")
     p.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**32 - 1")

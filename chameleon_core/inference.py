@@ -5,7 +5,7 @@ New prompts are checked and cut to the model's positions, embedded exactly as tr
 themselves), and every cluster's prompts run through ChameleonLLM with the adapter generated for
 that cluster, a mixed batch in one pass. Each sampled row draws from its own seeded stream, so rows
 of several requests can share a batch and still answer as they would alone. The demo's backend
-(:mod:`.demo`) and its scheduler (:mod:`.serving`) build on this module; importing it loads neither
+(:mod:`.bundle_set`) and its scheduler (:mod:`.serving`) build on this module; importing it loads neither
 the demo nor training.
 """
 
@@ -35,7 +35,7 @@ from .bundle import Bundle, BundleError
 from .clustering import fit_clusters
 from .data import normalize_text
 from .embeddings import embed_texts
-from .hyper_head import conditioned, hyper_head
+from .hyper_head import condition_groups, conditioned, hyper_head
 
 MAX_PROMPTS = 32
 MAX_PROMPT_CHARS = 2000
@@ -49,7 +49,7 @@ MAX_NEW_TOKENS = 128
 MAX_REQUEST_TOKENS = 640
 MAX_SEED = 2**32 - 1  # k-means and NumPy take 32-bit seeds
 DECODINGS = ("greedy", "sample")
-CLUSTERS = ("trained", "prompts")  # assign prompts to the trained clusters, or run k-means on the prompts themselves
+CLUSTER_SOURCES = ("trained", "prompts")  # assign prompts to the trained clusters, or run k-means on the prompts themselves
 SAMPLE_TOP_K = 50  # sampling draws from the 50 likeliest tokens at temperature 1, as transformers does by default
 # A prompt template that heads its sections with this at a line start (Alpaca's `### Instruction:` ... `### Response:`)
 # ends an answer where the model starts a new heading.
@@ -90,35 +90,41 @@ def validate_prompts(text: object) -> list[str]:
     return prompts
 
 
-class Settings(NamedTuple):
-    """One request's settings, checked."""
+class Request(NamedTuple):
+    """One comparison's prompts and settings, checked once (:meth:`parse`) and passed whole from the page,
+    the command line and the scheduler to generation."""
 
-    clusters: str  # one of CLUSTERS
-    k: int
+    prompts: tuple[str, ...]
+    cluster_source: str  # one of CLUSTER_SOURCES: whose centroids the prompts are assigned to
+    k: int  # cluster count among the prompts (cluster source "prompts")
     max_new_tokens: int
     seed: int
     do_sample: bool
 
+    @classmethod
+    def parse(
+        cls, prompts: Sequence[str], cluster_source: object = "trained", k: object = 3, max_new_tokens: object = 32,
+        seed: object = 0, decoding: object = "greedy",
+    ) -> Request:
+        """Raw values (JSON from the API, or the command line) checked in one place, so both give the same messages.
 
-def check_settings(
-    clusters: object, k: object, max_new_tokens: object, seed: object = 0, decoding: object = "greedy"
-) -> Settings:
-    """Raw values (JSON from the API, or the command line) checked in one place, so both give the same messages.
-
-    Integers may arrive as whole floats (JSON numbers); strings, booleans and fractions are refused
-    rather than guessed at. An empty seed (``None``) means 0.
-    """
-    if clusters not in CLUSTERS:
-        raise InputError(f"Clusters must be one of {_choices(CLUSTERS)}; got {reprlib.repr(clusters)}.")
-    if decoding not in DECODINGS:
-        raise InputError(f"Decoding must be one of {_choices(DECODINGS)}; got {reprlib.repr(decoding)}.")
-    return Settings(
-        clusters,
-        _integer("k (clusters among the prompts)", k, 1, MAX_PROMPTS),
-        _integer("Max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
-        _integer("Seed", 0 if seed is None else seed, 0, MAX_SEED, "2**32 - 1 (4,294,967,295)"),
-        decoding == "sample",
-    )
+        Integers may arrive as whole floats (JSON numbers); strings, booleans and fractions are refused
+        rather than guessed at. An empty seed (``None``) means 0. An :class:`InputError` says what to change.
+        """
+        if not prompts:
+            raise InputError("Enter at least one prompt; the request has none.")
+        if cluster_source not in CLUSTER_SOURCES:
+            raise InputError(f"Cluster source must be one of {_choices(CLUSTER_SOURCES)}; got {reprlib.repr(cluster_source)}.")
+        if decoding not in DECODINGS:
+            raise InputError(f"Decoding must be one of {_choices(DECODINGS)}; got {reprlib.repr(decoding)}.")
+        return cls(
+            tuple(prompts),
+            cluster_source,
+            _integer("k (clusters among the prompts)", k, 1, MAX_PROMPTS),
+            _integer("Max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
+            _integer("Seed", 0 if seed is None else seed, 0, MAX_SEED, "2**32 - 1 (4,294,967,295)"),
+            decoding == "sample",
+        )
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -148,21 +154,21 @@ class Assignment:
     labels: torch.Tensor  # (N,) cluster of each prompt
     distances: torch.Tensor  # (N,) Euclidean distance to that cluster's centroid
     centroids: torch.Tensor  # (k, d) the centroids ``labels`` index
-    clusters: str  # one of CLUSTERS: whose centroids these are
+    source: str  # one of CLUSTER_SOURCES: whose centroids these are
 
 
-def assign(bundle: Bundle, embeddings: torch.Tensor, clusters: str = "trained", k: int = 3, seed: int = 0) -> Assignment:
+def assign(bundle: Bundle, embeddings: torch.Tensor, source: str = "trained", k: int = 3, seed: int = 0) -> Assignment:
     """Nearest trained centroid, or seeded k-means among the prompts (``k`` capped at their number)."""
-    if clusters == "trained":
+    if source == "trained":
         if bundle.clusters is None:
-            raise BundleError("this bundle holds no trained clusters; use clusters 'prompts' (k-means on the prompts)")
+            raise BundleError("this bundle holds no trained clusters; use the cluster source 'prompts' (k-means on the prompts)")
         fitted = bundle.clusters
-    elif clusters == "prompts":
+    elif source == "prompts":
         fitted, _ = fit_clusters(embeddings, k=min(k, len(embeddings)), seed=seed)
     else:
-        raise ValueError(f"unknown clusters {clusters!r}; choose from {CLUSTERS}")
+        raise ValueError(f"unknown cluster source {source!r}; choose from {CLUSTER_SOURCES}")
     labels, distances = fitted.assign(embeddings)
-    return Assignment(labels, distances, fitted.centroids, clusters)
+    return Assignment(labels, distances, fitted.centroids, source)
 
 
 def _positions(model: PreTrainedModel) -> int | None:
@@ -430,6 +436,89 @@ def generate_rows(
                                 stopping_criteria=ends)
     texts = left.batch_decode(output[:, width:], skip_special_tokens=True)
     return [cut_answer(text, stops, prompt) for text, prompt in zip(texts, prompts)]
+
+
+# ---------------------------------------------------------------- several requests in one batch
+def length_buckets(lengths: Sequence[int], new_tokens: Sequence[int]) -> list[list[int]]:
+    """Row indices grouped into the batches they are generated in: one per number of new tokens,
+    split further by prompt length only where that pays.
+
+    Every decoding step costs a batch about the same whatever its prompts' lengths, and a second
+    batch repeats every step, so rows stay together unless padding them to the longest would make
+    more than half of the batch's prompt tokens padding. Rows keep their order within a batch.
+    """
+    by_tokens: dict[int, list[int]] = {}
+    for row, tokens in enumerate(new_tokens):
+        by_tokens.setdefault(tokens, []).append(row)
+    buckets = []
+    for rows in by_tokens.values():
+        bucket, real = [], 0
+        for row in sorted(rows, key=lengths.__getitem__):
+            if bucket and (len(bucket) + 1) * lengths[row] > 2 * (real + lengths[row]):
+                buckets.append(sorted(bucket))
+                bucket, real = [], 0
+            bucket.append(row)
+            real += lengths[row]
+        buckets.append(sorted(bucket))
+    return buckets
+
+
+@dataclass
+class MixedRows:
+    """The rows of several requests side by side, with what each model needs to generate them together."""
+
+    spans: list[slice]  # each request's rows
+    assignments: list[Assignment]  # each request's, made among its own prompts or from the trained clusters
+    texts: list[str]
+    lengths: list[int]  # tokens of each text
+    new_tokens: list[int]
+    seeds: list[int | None]  # each row's sampling seed (None: greedy), from its request's seed and its row there
+    embeddings: torch.Tensor  # (N, d)
+    groups: torch.Tensor  # (N,) each row's group: one per (request, cluster)
+    vectors: torch.Tensor  # (G, d) each group's conditioning vector, made from its own request's rows
+
+    @classmethod
+    def mix(cls, bundle: Bundle, requests: Sequence[Request], fitted: Sequence[FittedPrompts]) -> MixedRows:
+        """Every request's rows side by side: embedded at once, then assigned and conditioned request by request.
+
+        Each request's groups (one per cluster, conditioned as ``bundle`` was trained) take ids no other
+        request shares, so no request's adapter reads another's prompts.
+        """
+        sizes = [len(f.texts) for f in fitted]
+        embeddings = embed_prompts(bundle, [condition for f in fitted for condition in f.conditions])
+        assignments, vectors, groups = [], [], []
+        for request, own in zip(requests, embeddings.split(sizes)):
+            assignment = assign(bundle, own, request.cluster_source, request.k, request.seed)
+            assignments.append(assignment)
+            own_vectors, group = condition_groups(own, bundle.adapter.conditioning, assignment.labels, assignment.centroids)
+            groups.append(group + sum(map(len, vectors)))  # ids unique to this request
+            vectors.append(own_vectors)
+        seeds = [seed for r, size in zip(requests, sizes) for seed in row_seeds(size, r.do_sample, r.seed)]
+        ends = np.cumsum(sizes).tolist()
+        return cls([slice(end - size, end) for end, size in zip(ends, sizes)], assignments,
+                   [text for f in fitted for text in f.texts], [n for f in fitted for n in f.lengths],
+                   [f.max_new_tokens for f in fitted for _ in f.texts], seeds, embeddings, torch.cat(groups),
+                   torch.cat(vectors))
+
+    def generate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str] = (),
+                 stream: Stream | None = None, cancelled: Callable[[int], bool] | None = None) -> list[str]:
+        """Every row's continuation, a batch per length bucket; ``stops``, ``stream`` and ``cancelled``
+        as :func:`generate_rows`'s, with the rows numbered as here.
+
+        Each group's vector is handed to the head as its ``centroid``, so a bucket holding part of
+        a group is conditioned on the whole group, exactly as the request alone would be.
+        """
+        texts = [""] * len(self.texts)
+        for bucket in length_buckets(self.lengths, self.new_tokens):
+            generated = generate_rows(
+                model, tokenizer, [self.texts[i] for i in bucket], [self.seeds[i] for i in bucket], self.embeddings[bucket],
+                self.groups[bucket], self.vectors, self.new_tokens[bucket[0]], "centroid", stops,
+                stream and (lambda grew, bucket=bucket: stream({bucket[row]: text for row, text in grew.items()})),
+                cancelled and (lambda row, bucket=bucket: cancelled(bucket[row])),
+            )
+            for row, text in zip(bucket, generated):
+                texts[row] = text
+        return texts
 
 
 @dataclass

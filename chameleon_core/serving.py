@@ -3,7 +3,7 @@
 Run one at a time, concurrent requests leave the models idle between small batches, or (with
 several workers) fight over the same cores. The :class:`Scheduler` collects what arrives within a
 short window, and each model runs all of it as one mixed-cluster batch
-(:meth:`~.demo.BundleSet.compare_batch`): every request keeps its own clusters, conditioning and
+(:meth:`~.bundle_set.BundleSet.compare_batch`): every request keeps its own clusters, conditioning and
 sampling seeds, so it gets exactly the answer it gets alone. :func:`measure_serving` measures what
 that buys (throughput and latency with merging on and off, and through the app's HTTP API) and
 checks that every answer is unchanged.
@@ -20,8 +20,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from .demo import COMPARED, BundleSet, Comparison, Request, make_request
-from .inference import InputError
+from .bundle_set import COMPARED, BundleSet, Comparison
+from .inference import InputError, Request
 
 WINDOW = 0.05  # seconds a batch stays open after its first request arrives, for others to join
 MAX_BATCH = 64  # prompts in one merged batch (SmolLM2's KV cache for 64 rows of 640 tokens: about 2 GB)
@@ -96,10 +96,9 @@ class Scheduler:
         self._worker = threading.Thread(target=self._serve, name="chameleon-scheduler", daemon=True)
         self._worker.start()
 
-    def submit(self, prompts: list[str], clusters: str = "trained", k: int = 3, max_new_tokens: int = 32,
-               do_sample: bool = False, seed: int = 0) -> Job:
-        """Queue a request (settings as :meth:`~.demo.BundleSet.compare`); an :class:`InputError` says what to change."""
-        job = Job(make_request(prompts, clusters, k, max_new_tokens, do_sample, seed))
+    def submit(self, request: Request) -> Job:
+        """Queue a request; a :class:`Busy` says when there is no room for it now."""
+        job = Job(request)
         with self._changed:
             if self._closed:
                 raise Busy("The server is shutting down; send the request again once it is back.")
@@ -111,10 +110,9 @@ class Scheduler:
             self._changed.notify()
         return job
 
-    def compare(self, prompts: list[str], clusters: str = "trained", k: int = 3, max_new_tokens: int = 32,
-                do_sample: bool = False, seed: int = 0) -> Comparison:
-        """:meth:`~.demo.BundleSet.compare` through the queue: the same answer, merged with whatever else arrives."""
-        return self.submit(prompts, clusters, k, max_new_tokens, do_sample, seed).result()
+    def compare(self, request: Request) -> Comparison:
+        """:meth:`~.bundle_set.BundleSet.compare` through the queue: the same answer, merged with whatever else arrives."""
+        return self.submit(request).result()
 
     def stop(self, job: Job) -> None:
         """End ``job`` now: a waiting job fails with :class:`Stopped`; a running one keeps what its models
@@ -194,7 +192,6 @@ PROMPTS = (
     "Why do cats purr?",
     "Write a limerick about a clumsy chef.",
 )
-Sent = tuple[list[str], str, int, int, bool, int]  # what a client sends: Scheduler.compare's arguments
 Answer = list[list[str]]  # per prompt: the base, static LoRA and ChameleonLLM continuations
 
 
@@ -223,7 +220,7 @@ def measure_serving(
     for n in clients:
         for mode, merge in (("one at a time", False), ("merged", True)):
             with Scheduler(bundle_set, window, merge=merge) as scheduler:
-                scheduler.compare(*_request(prompts, prompts_per_request, max_new_tokens, 0))  # warm-up, not timed
+                scheduler.compare(_request(prompts, prompts_per_request, max_new_tokens, 0))  # warm-up, not timed
                 scheduler.batch_sizes.clear()
                 run = _run_clients(workload[n], [_scheduler_call(scheduler)] * n, reference if merge else None)
                 run["batches"] = sum(scheduler.batch_sizes.values())
@@ -245,19 +242,19 @@ def measure_serving(
             "runs": runs}
 
 
-def _request(prompts: Sequence[str], size: int, max_new_tokens: int, number: int) -> Sent:
+def _request(prompts: Sequence[str], size: int, max_new_tokens: int, number: int) -> Request:
     """The ``number``-th request of a measurement (odd ones sampled, each request with its own seed)."""
     chosen = [prompts[(number * size + i) % len(prompts)] for i in range(size)]
-    return chosen, "trained", 3, max_new_tokens, number % 2 == 1, number
+    return Request.parse(chosen, "trained", 3, max_new_tokens, number, "sample" if number % 2 else "greedy")
 
 
-Call = Callable[[Sent], tuple[Answer, float]]  # a request -> its answers and its time to first token (s)
+Call = Callable[[Request], tuple[Answer, float]]  # a request -> its answers and its time to first token (s)
 
 
 def _scheduler_call(scheduler: Scheduler) -> Call:
-    def call(request: Sent) -> tuple[Answer, float]:
+    def call(request: Request) -> tuple[Answer, float]:
         began, first = time.perf_counter(), None
-        for comparison in scheduler.submit(*request).updates():
+        for comparison in scheduler.submit(request).updates():
             if first is None and any(any(texts) for texts in comparison.generations.values()):
                 first = time.perf_counter() - began
         rows = comparison.rows()
@@ -270,11 +267,10 @@ def _http_call(url: str) -> Call:
 
     client = Client(url, verbose=False)
 
-    def call(request: Sent) -> tuple[Answer, float]:
-        prompts, clusters, k, max_new_tokens, do_sample, seed = request
+    def call(request: Request) -> tuple[Answer, float]:
         began, first = time.perf_counter(), None
-        job = client.submit("\n".join(prompts), clusters, k, max_new_tokens, "sample" if do_sample else "greedy", seed,
-                            api_name="/compare")
+        job = client.submit("\n".join(request.prompts), request.cluster_source, request.k, request.max_new_tokens,
+                            "sample" if request.do_sample else "greedy", request.seed, api_name="/compare")
         for output in job:  # each streamed update, as it arrives
             cells = [cell for row in (output[2] or {}).get("data", []) for cell in row[2:]] if len(output) > 2 else []
             if first is None and any(cell not in ("", "…") for cell in cells if isinstance(cell, str)):
@@ -284,7 +280,7 @@ def _http_call(url: str) -> Call:
     return call
 
 
-def _run_clients(workload: list[list[Sent]], calls: list[Call], reference: dict[Request, Answer] | None) -> dict:
+def _run_clients(workload: list[list[Request]], calls: list[Call], reference: dict[Request, Answer] | None) -> dict:
     """Every client sends its requests one after another, all clients at once; the wall time, latencies
     (to the whole answer and to its first token) and answers."""
     start = threading.Barrier(len(workload) + 1)
@@ -292,14 +288,14 @@ def _run_clients(workload: list[list[Sent]], calls: list[Call], reference: dict[
     first_tokens: list[float] = []
     answers: dict[Request, Answer] = {}
 
-    def client(requests: list[Sent], call: Call) -> None:
+    def client(requests: list[Request], call: Call) -> None:
         start.wait()
         for request in requests:
             began = time.perf_counter()
             answer, first_token = call(request)
             latencies.append(time.perf_counter() - began)  # list.append is atomic
             first_tokens.append(first_token)
-            answers[make_request(*request)] = answer
+            answers[request] = answer
 
     threads = [threading.Thread(target=client, args=(requests, call)) for requests, call in zip(workload, calls)]
     for thread in threads:
@@ -310,7 +306,7 @@ def _run_clients(workload: list[list[Sent]], calls: list[Call], reference: dict[
         thread.join()
     seconds = time.perf_counter() - began
     requests = sum(map(len, workload))
-    prompts = sum(len(request[0]) for sent in workload for request in sent)
+    prompts = sum(len(request.prompts) for sent in workload for request in sent)
     if len(latencies) != requests:
         raise RuntimeError(f"{requests - len(latencies)} of {requests} requests failed; see the errors above")
     p50, p95 = np.percentile(latencies, [50, 95]).tolist()

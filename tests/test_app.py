@@ -17,10 +17,10 @@ import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from chameleon_core import demo, inference, load_model
+from chameleon_core import bundle_set as bundle_sets, inference, load_model
 from chameleon_core.bundle import BundleError
-from chameleon_core.demo import COMPARED, find_bundle_set
-from chameleon_core.inference import MAX_REQUEST_TOKENS, adapter_summary, embed_prompts, generate_rows
+from chameleon_core.bundle_set import COMPARED, find_bundle_set
+from chameleon_core.inference import MAX_REQUEST_TOKENS, Request, adapter_summary, embed_prompts, generate_rows
 from chameleon_core.serving import measure_serving
 
 import app
@@ -42,10 +42,10 @@ def call_raw(url: str, data: list) -> str:
     return httpx.get(f"{url.rstrip('/')}/gradio_api/call/compare/{post.json()['event_id']}", timeout=60).text
 
 
-def compare(client: Client, prompts: str, clusters="trained", k=3, max_new_tokens=8, decoding="greedy", seed=0):
+def compare(client: Client, prompts: str, cluster_source="trained", k=3, max_new_tokens=8, decoding="greedy", seed=0):
     """The /compare endpoint: (figure dict, assignments rows, generations rows, adapter rows, status)."""
     plot, assignments, generations, adapters, status = client.predict(
-        prompts, clusters, k, max_new_tokens, decoding, seed, api_name="/compare"
+        prompts, cluster_source, k, max_new_tokens, decoding, seed, api_name="/compare"
     )
     return json.loads(plot["plot"]), assignments["data"], generations, adapters["data"], status
 
@@ -86,10 +86,10 @@ def test_greedy_repeats_and_sampling_follows_the_seed(client):
 
 
 def test_prompt_clusters_come_from_k_means_on_the_prompts(client):
-    _, assignments, _, adapters, _ = compare(client, "\n".join(SIX_DOMAINS[:4]), clusters="prompts", k=2)
+    _, assignments, _, adapters, _ = compare(client, "\n".join(SIX_DOMAINS[:4]), cluster_source="prompts", k=2)
     assert {row[2] for row in assignments} == {0, 1}
     assert len(adapters) == 2
-    _, assignments, _, adapters, _ = compare(client, "\n".join(SIX_DOMAINS[:3]), clusters="prompts", k=8)
+    _, assignments, _, adapters, _ = compare(client, "\n".join(SIX_DOMAINS[:3]), cluster_source="prompts", k=8)
     assert {row[2] for row in assignments} == {0, 1, 2}  # k capped at the number of prompts
 
 
@@ -122,12 +122,12 @@ SEED_RANGE = re.escape("Seed must be an integer from 0 to 2**32 - 1 (4,294,967,2
         ("hello", {"max_new_tokens": 129}, "Max new tokens must be an integer from 1 to 128; got 129"),
         ("hello", {"max_new_tokens": "8"}, "Max new tokens must be an integer from 1 to 128; got '8'"),
         ("hello", {"max_new_tokens": None}, "Max new tokens must be an integer from 1 to 128; got None"),
-        ("hello", {"clusters": "nearest"}, "Clusters must be one of 'trained' or 'prompts'; got 'nearest'"),
+        ("hello", {"cluster_source": "nearest"}, "Cluster source must be one of 'trained' or 'prompts'; got 'nearest'"),
         ("hello", {"decoding": "beam"}, "Decoding must be one of 'greedy' or 'sample'; got 'beam'"),
     ],
     ids=["empty", "whitespace", "none", "number", "too-many", "too-long", "bell", "nul", "seed-negative", "seed-2**32",
          "seed-2**64", "seed-10**30", "seed-1e300", "seed-fraction", "seed-string", "k-0", "k-33", "k-string", "k-none",
-         "tokens-0", "tokens-129", "tokens-string", "tokens-none", "clusters", "decoding"],
+         "tokens-0", "tokens-129", "tokens-string", "tokens-none", "cluster-source", "decoding"],
 )
 def test_bad_input_gets_a_specific_message(client, capfd, prompts, settings, message):
     with pytest.raises(AppError, match=message) as raised:
@@ -140,7 +140,7 @@ def test_an_unexpected_error_is_not_passed_off_as_bad_input(client, capfd, monke
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(demo, "fit_prompts", broken)  # a module function: the shared bundle set stays untouched
+    monkeypatch.setattr(bundle_sets, "fit_prompts", broken)  # a module function: the shared bundle set stays untouched
     with pytest.raises(AppError) as raised:
         compare(client, "hello")
     assert "an internal bug" not in str(raised.value)  # not shown as if the input were wrong
@@ -170,16 +170,16 @@ def test_every_step_reads_the_same_cut_prompt(served, monkeypatch):
     bundle_set.template = "### Instruction:\n{prompt}\n\n### Response:\n"
     seen = {"embed": [], "generate": [], "summary": []}
 
-    def spy(name, function):
+    def spy(name, function, module):
         def wrapper(*args, **kwargs):
             seen[name].append(args[2] if name == "generate" else args[1])
             return function(*args, **kwargs)
-        monkeypatch.setattr(demo, function.__name__, wrapper)
+        monkeypatch.setattr(module, function.__name__, wrapper)
 
-    spy("embed", embed_prompts)
-    spy("generate", generate_rows)
-    spy("summary", adapter_summary)
-    result = bundle_set.compare([SIX_DOMAINS[0], SIX_DOMAINS[1], LONG], max_new_tokens=8)
+    spy("embed", embed_prompts, inference)
+    spy("generate", generate_rows, inference)
+    spy("summary", adapter_summary, bundle_sets)
+    result = bundle_set.compare(Request.parse([SIX_DOMAINS[0], SIX_DOMAINS[1], LONG], max_new_tokens=8))
     first, second, cut = result.fitted.conditions
     assert [first, second] == SIX_DOMAINS[:2] and LONG.endswith(cut) and len(cut) < len(LONG)
     assert seen["embed"] == [[first, second, cut]]
@@ -222,7 +222,7 @@ def test_eight_simultaneous_calls_all_complete_correctly(served, client):
     jobs = [client.submit("\n".join(batch), "trained", 3, 6, "greedy", 0, api_name="/compare") for batch in batches]
     for batch, job in zip(batches, jobs):
         rows = job.result(timeout=120)[2]["data"]
-        expected = bundle_set.compare(batch, max_new_tokens=6).rows()
+        expected = bundle_set.compare(Request.parse(batch, max_new_tokens=6)).rows()
         assert [row[1:] for row in rows] == [[e["prompt"], e["base"], e["lora"], e["chameleon"]] for e in expected]
 
 
@@ -240,7 +240,7 @@ def test_the_answers_stream_in_as_the_models_write_them(served, client, monkeypa
     queued, *outputs = job.outputs()
     assert queued[4].startswith("**Waiting for the models…**")
     assert len(outputs) > len(COMPARED) + 1  # tokens arrive in pieces, not a column at a time
-    expected = served[0].bundle_set.compare(prompts, max_new_tokens=12).rows()
+    expected = served[0].bundle_set.compare(Request.parse(prompts, max_new_tokens=12)).rows()
     assert [row[2:] for row in final[2]["data"]] == [[e[regime] for regime in COMPARED] for e in expected]
     for output in outputs[:-1]:  # every cell: not started, the start of its final answer being written, or final
         for row, done in zip(output[2]["data"], final[2]["data"]):
@@ -286,7 +286,7 @@ def test_compare_is_the_one_named_api_endpoint_and_explains_itself():
     endpoint = endpoints["/compare"]
     assert endpoint["description"] == app.API_DESCRIPTION
     names = [p["parameter_name"] for p in endpoint["parameters"]]
-    assert names == ["prompts", "clusters", "k", "max_new_tokens", "decoding", "seed"]
+    assert names == ["prompts", "cluster_source", "k", "max_new_tokens", "decoding", "seed"]
     types = [p["python_type"]["type"] for p in endpoint["parameters"]]
     assert types == ["str", "Literal['trained', 'prompts']", "float", "float", "Literal['greedy', 'sample']", "int"]
     assert len(endpoint["returns"]) == 5
@@ -303,11 +303,11 @@ def test_bundle_set_for_another_model_is_refused(served):
 def test_serving_an_existing_set_never_imports_training(served, tmp_path):
     """Only building a set trains; opening and comparing one needs no trainer (and none of its imports)."""
     loaded = loaded_modules(
-        f"from chameleon_core.demo import open_bundle_set\n"
-        f"open_bundle_set({MODEL!r}, {str(served[0].bundle_set.path)!r}, build=False).compare(['hello'], max_new_tokens=2)",
+        f"from chameleon_core.bundle_set import open_bundle_set\nfrom chameleon_core.inference import Request\n"
+        f"open_bundle_set({MODEL!r}, {str(served[0].bundle_set.path)!r}, build=False).compare(Request.parse(['hello'], max_new_tokens=2))",
         CHAMELEON_CACHE=str(tmp_path),
     )
-    assert "chameleon_core.demo" in loaded and "chameleon_core.train" not in loaded
+    assert "chameleon_core.bundle_set" in loaded and "chameleon_core.train" not in loaded
 
 
 def test_demo_set_is_built_with_progress_when_none_fits(tmp_path, monkeypatch):
@@ -324,14 +324,14 @@ def test_demo_set_is_built_with_progress_when_none_fits(tmp_path, monkeypatch):
 
 
 def test_an_unreadable_projection_cache_is_refitted(tmp_path, monkeypatch):
-    from chameleon_core import demo
+    from chameleon_core import projection
 
     points = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
-    first = demo.fit_projection(points, cache_dir=tmp_path)
+    first = projection.fit_projection(points, cache_dir=tmp_path)
     [file] = (tmp_path / "projections").glob("*.pkl")
     file.write_bytes(b"\x80\x04not a pickle of this code")
-    monkeypatch.setattr(demo, "_PROJECTIONS", {})  # forget the in-memory copy: read the disk
-    again = demo.fit_projection(points, cache_dir=tmp_path)
+    monkeypatch.setattr(projection, "_PROJECTIONS", {})  # forget the in-memory copy: read the disk
+    again = projection.fit_projection(points, cache_dir=tmp_path)
     assert again.method == first.method == "pca"
     assert torch.allclose(torch.as_tensor(again.coords), torch.as_tensor(first.coords))
 
@@ -340,7 +340,7 @@ def test_an_unreadable_projection_cache_is_refitted(tmp_path, monkeypatch):
 def test_a_wrong_number_of_values_says_what_compare_takes(served, values):
     stream = call_raw(served[1], ["hello", "trained", 3, 8, "greedy", 0, "extra"][:values])
     assert "event: error" in stream
-    assert f"/compare takes 6 values (prompts, clusters, k, max_new_tokens, decoding, seed); got {values}." in stream
+    assert f"/compare takes 6 values (prompts, cluster_source, k, max_new_tokens, decoding, seed); got {values}." in stream
 
 
 def test_the_api_requires_prompts_and_defaults_the_settings_to_the_pages(client):
@@ -379,7 +379,7 @@ def test_text_that_looks_the_same_gets_the_same_cluster_and_answer(client, varia
 def test_a_set_of_bundles_trained_on_different_data_is_refused(tmp_path, field, extra):
     path = make_bundle_set(tmp_path / "mixed", extra)
     with pytest.raises(BundleError, match=f"mixes bundles trained on different data: its {field} "):
-        demo.open_bundle_set(MODEL, path, build=False)
+        bundle_sets.open_bundle_set(MODEL, path, build=False)
 
 
 def test_training_settings_that_differ_are_shown_per_column(tmp_path):
@@ -416,7 +416,7 @@ def test_an_example_runs_once_then_comes_from_the_cache(served, monkeypatch):
     assert [row[1:] for row in examples.examples] == [list(app.SETTINGS.values())] * len(app.EXAMPLES)
     first = examples.load_from_cache(1)
     again = examples.load_from_cache(1)
-    assert len(submitted) == 1 and submitted[0][0] == app.EXAMPLES["Science and numbers"].splitlines()
+    assert len(submitted) == 1 and list(submitted[0][0].prompts) == app.EXAMPLES["Science and numbers"].splitlines()
     assert again[2] == first[2] and len(first[2].data) == 4  # the same four answers, from the cache
     assert str(Path(examples.cached_folder)).startswith(os.environ["GRADIO_EXAMPLES_CACHE"])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chameleon_core import demo
+from chameleon_core import inference
 from chameleon_core.inference import generate_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,7 +75,7 @@ def test_each_column_shows_as_its_model_writes_it(page, served, monkeypatch):
             release.wait(60)
         return generate_rows(model, *args, **kwargs)
 
-    monkeypatch.setattr(demo, "generate_rows", held)
+    monkeypatch.setattr(inference, "generate_rows", held)
     page.locator("#prompts textarea").fill("\n".join(SIX_DOMAINS[:3]))
     page.locator("#compare").click()
     table = page.locator("#generations [role=grid]")

@@ -17,8 +17,8 @@ from chameleon_core.inference import (
     SAMPLE_TOP_K,
     InputError,
     RowSampler,
+    Request,
     answer_stops,
-    check_settings,
     cut_answer,
     fit_prompts,
     generate,
@@ -37,7 +37,7 @@ from conftest import loaded_modules
 def test_inference_imports_neither_training_nor_the_demo():
     """A user of a trained bundle gets inference without the trainer or the demo's backend."""
     loaded = loaded_modules("import chameleon_core.inference")
-    assert "chameleon_core.inference" in loaded and loaded.isdisjoint({"chameleon_core.train", "chameleon_core.demo"})
+    assert "chameleon_core.inference" in loaded and loaded.isdisjoint({"chameleon_core.train", "chameleon_core.bundle_set"})
 
 
 def test_a_long_prompt_keeps_its_end_and_its_template_fits(tiny_gpt2):
@@ -166,8 +166,8 @@ def test_generate_refuses_an_uncut_prompt_instead_of_indexing_past_the_positions
      (("trained", 1, 1, None), ("trained", 1, 1, 0, False))],  # an empty seed box
 )
 def test_settings_come_back_as_clean_ints(raw, clean):
-    settings = check_settings(*raw)
-    assert tuple(settings) == clean and all(type(v) is int for v in settings[1:4])
+    request = Request.parse(["hello"], *raw)
+    assert request == (("hello",), *clean) and all(type(v) is int for v in request[2:5])
 
 
 def test_the_generate_command_refuses_a_negative_seed_in_one_line(tmp_path):

@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 
 from chameleon_core import load_model
-from chameleon_core.demo import COMPARED, BundleSet, length_buckets, make_request
-from chameleon_core.inference import InputError
+from chameleon_core.bundle_set import COMPARED, BundleSet
+from chameleon_core.inference import InputError, Request, length_buckets
 from chameleon_core.serving import Busy, Scheduler, Stopped, measure_serving
 
 from conftest import LONG, MODEL, SIX_DOMAINS, make_bundle_set
@@ -24,8 +24,8 @@ REQUESTS = [
     ([COOKING, SPACE, SPORT], {}),
     ([MORE_COOKING, MORE_SPACE, FINANCE], {}),
     ([COOKING, MORE_COOKING, CODE, MEDICINE], {"max_new_tokens": 5}),
-    ([SPORT, MORE_SPACE, SPACE], {"clusters": "prompts", "k": 2}),
-    ([SPACE, MORE_COOKING, FINANCE], {"do_sample": True, "seed": 7}),
+    ([SPORT, MORE_SPACE, SPACE], {"cluster_source": "prompts", "k": 2}),
+    ([SPACE, MORE_COOKING, FINANCE], {"decoding": "sample", "seed": 7}),
 ]
 
 
@@ -35,17 +35,18 @@ def bundle_set(tmp_path_factory) -> BundleSet:
     return BundleSet.load(path, *load_model(MODEL))
 
 
-def settings(**overrides) -> dict:
-    return {"max_new_tokens": 8, **overrides}
+def ask(prompts: list[str], **overrides) -> Request:
+    """A request with the tests' short answers unless ``overrides`` say otherwise."""
+    return Request.parse(prompts, **{"max_new_tokens": 8, **overrides})
 
 
 def alone(bundle_set: BundleSet, prompts: list[str], **overrides):
-    return bundle_set.compare(prompts, **settings(**overrides))
+    return bundle_set.compare(ask(prompts, **overrides))
 
 
 def test_merged_requests_get_exactly_what_they_get_alone(bundle_set):
     with Scheduler(bundle_set, window=1.0) as scheduler:  # a long window: all five arrive within it
-        jobs = [scheduler.submit(prompts, **settings(**extra)) for prompts, extra in REQUESTS]
+        jobs = [scheduler.submit(ask(prompts, **extra)) for prompts, extra in REQUESTS]
         merged = [job.result(timeout=60) for job in jobs]
     assert scheduler.batch_sizes == Counter({5: 1})  # one batch for all five requests
     solo = [alone(bundle_set, prompts, **extra) for prompts, extra in REQUESTS]
@@ -54,7 +55,7 @@ def test_merged_requests_get_exactly_what_they_get_alone(bundle_set):
         assert together.adapters == one.adapters
     members: dict[int, set] = {}  # trained cluster -> the prompts it holds in each request
     for (prompts, _), one in zip(REQUESTS, solo):
-        if one.assignment.clusters == "trained":
+        if one.assignment.source == "trained":
             for cluster in set(one.assignment.labels.tolist()):
                 members.setdefault(cluster, set()).add(frozenset(p for p, c in zip(prompts, one.assignment.labels) if c == cluster))
     assert max(map(len, members.values())) > 1, "some cluster should hold other prompts in another request"
@@ -62,15 +63,15 @@ def test_merged_requests_get_exactly_what_they_get_alone(bundle_set):
 
 
 def test_a_sample_depends_on_its_seed_and_never_on_its_batch_mates(bundle_set):
-    sampled = ([MORE_COOKING, SPORT, MORE_SPACE], {"do_sample": True, "seed": 11})
+    sampled = ([MORE_COOKING, SPORT, MORE_SPACE], {"decoding": "sample", "seed": 11})
     answers = []
     for mates in (REQUESTS[:2], REQUESTS[2:4], REQUESTS[4:]):
         with Scheduler(bundle_set, window=1.0) as scheduler:
-            jobs = [scheduler.submit(prompts, **settings(**extra)) for prompts, extra in [*mates, sampled]]
+            jobs = [scheduler.submit(ask(prompts, **extra)) for prompts, extra in [*mates, sampled]]
             answers.append(jobs[-1].result(timeout=60).rows())
         assert sum(scheduler.batch_sizes.values()) == 1
     assert answers[0] == answers[1] == answers[2] == alone(bundle_set, sampled[0], **sampled[1]).rows()
-    assert answers[0] != alone(bundle_set, sampled[0], do_sample=True, seed=12).rows()
+    assert answers[0] != alone(bundle_set, sampled[0], decoding="sample", seed=12).rows()
 
 
 def test_the_window_merges_what_arrives_together_up_to_the_batch_cap(bundle_set):
@@ -78,19 +79,19 @@ def test_the_window_merges_what_arrives_together_up_to_the_batch_cap(bundle_set)
     for options, batches in (({"window": 1.0}, Counter({3: 1})), ({"window": 1.0, "max_batch": 4}, Counter({2: 1, 1: 1})),
                              ({"merge": False}, Counter({1: 3}))):
         with Scheduler(bundle_set, **options) as scheduler:
-            for job in [scheduler.submit(prompts, max_new_tokens=2) for prompts in requests]:
+            for job in [scheduler.submit(ask(prompts, max_new_tokens=2)) for prompts in requests]:
                 job.result(timeout=60)
         assert scheduler.batch_sizes == batches, options
 
 
 def test_past_the_queue_cap_the_caller_is_told_to_come_back(bundle_set):
     scheduler = Scheduler(bundle_set, window=30.0, max_waiting=4)  # nothing runs for 30 s: the queue fills
-    waiting = [scheduler.submit(SIX_DOMAINS[:2]), scheduler.submit(SIX_DOMAINS[2:4])]
+    waiting = [scheduler.submit(ask(SIX_DOMAINS[:2])), scheduler.submit(ask(SIX_DOMAINS[2:4]))]
     with pytest.raises(Busy, match=re.escape(
         "The server is busy: 4 prompt(s) from 2 request(s) are waiting, and at most 4 may wait. Try again in a "
         "minute, or send fewer prompts."
     )):
-        scheduler.submit([SIX_DOMAINS[4]])
+        scheduler.submit(ask([SIX_DOMAINS[4]]))
     assert issubclass(Busy, InputError)  # the app shows it as a message, like bad input
     scheduler.close(timeout=10)
     assert not scheduler._worker.is_alive()  # its own worker (other tests' app engines may hold theirs)
@@ -98,22 +99,22 @@ def test_past_the_queue_cap_the_caller_is_told_to_come_back(bundle_set):
         with pytest.raises(Busy, match="shut down before this request ran; send it again"):
             job.result(timeout=1)
     with pytest.raises(Busy, match="shutting down"):
-        scheduler.submit(["hello"])
+        scheduler.submit(ask(["hello"]))
 
 
 def test_a_failing_request_fails_alone(bundle_set):
     with Scheduler(bundle_set, window=1.0) as scheduler:
-        bad, good = (scheduler.submit(prompts, max_new_tokens=8) for prompts in ([LONG, "hello"], SIX_DOMAINS[:2]))
+        bad, good = (scheduler.submit(ask(prompts)) for prompts in ([LONG, "hello"], SIX_DOMAINS[:2]))
         with pytest.raises(InputError, match="This request needs 1,024 tokens"):
             bad.result(timeout=60)
         assert good.result(timeout=60).rows() == alone(bundle_set, SIX_DOMAINS[:2]).rows()
     with pytest.raises(InputError, match="at least one prompt"):
-        scheduler.submit([])
+        ask([])
 
 
 def test_updates_stream_each_answer_as_it_grows(bundle_set):
     with Scheduler(bundle_set) as scheduler:
-        stages = list(scheduler.submit(SIX_DOMAINS[:3], max_new_tokens=6).updates(timeout=60))
+        stages = list(scheduler.submit(ask(SIX_DOMAINS[:3], max_new_tokens=6)).updates(timeout=60))
     final = alone(bundle_set, SIX_DOMAINS[:3], max_new_tokens=6)
     assert stages[-1].rows() == final.rows() and stages[-1].complete and not stages[-1].stopped
     assert stages[0].generations == {} and not any(stage.complete for stage in stages[:-1])
@@ -128,8 +129,8 @@ def test_updates_stream_each_answer_as_it_grows(bundle_set):
 
 
 def test_stop_ends_one_request_and_leaves_its_batch_mates_alone(bundle_set):
-    kept, halted = (SIX_DOMAINS[:2], {"max_new_tokens": 24}), (SIX_DOMAINS[2:5], {"max_new_tokens": 24, "do_sample": True})
-    requests = [make_request(prompts, **extra) for prompts, extra in (kept, halted)]
+    kept, halted = (SIX_DOMAINS[:2], {"max_new_tokens": 24}), (SIX_DOMAINS[2:5], {"max_new_tokens": 24, "decoding": "sample"})
+    requests = [ask(prompts, **extra) for prompts, extra in (kept, halted)]
     stop = set()
 
     def report(i, comparison):  # as Scheduler.stop does: a flag the batch reads at its next decoding step
@@ -147,7 +148,7 @@ def test_stop_ends_one_request_and_leaves_its_batch_mates_alone(bundle_set):
 
 def test_a_request_stopped_while_it_waits_never_runs(bundle_set):
     with Scheduler(bundle_set, window=1.0) as scheduler:
-        first, second = scheduler.submit(SIX_DOMAINS[:2], max_new_tokens=4), scheduler.submit(SIX_DOMAINS[2:3], max_new_tokens=4)
+        first, second = (scheduler.submit(ask(prompts, max_new_tokens=4)) for prompts in (SIX_DOMAINS[:2], SIX_DOMAINS[2:3]))
         scheduler.stop(first)
         with pytest.raises(Stopped, match="before the models started"):
             first.result(timeout=60)

@@ -231,7 +231,7 @@ def test_an_unusable_out_is_refused_before_loading(tmp_path, no_model, where, me
 
 def test_a_demo_set_is_built_from_the_loaded_base_model_which_stays_unadapted(tmp_path, monkeypatch):
     """open_bundle_set loads the base once and hands it to the build: no run loads it again or changes it."""
-    from chameleon_core import demo, train as train_module
+    from chameleon_core import bundle_set as bundle_sets, train as train_module
 
     model, tokenizer = load_model("random:tiny-gpt2")
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
@@ -240,8 +240,8 @@ def test_a_demo_set_is_built_from_the_loaded_base_model_which_stays_unadapted(tm
         raise AssertionError("the base model was loaded again")
 
     monkeypatch.setattr(train_module, "load_model", refuse)
-    settings = {**demo.DEMO_SETTINGS, "max_train_rows": 48, "max_eval_rows": 16, "max_length": 48, "epochs": 1}
-    built = demo.build_bundle_set("random:tiny-gpt2", tmp_path / "set", settings=settings, base=(model, tokenizer))
+    settings = {**bundle_sets.DEMO_SETTINGS, "max_train_rows": 48, "max_eval_rows": 16, "max_length": 48, "epochs": 1}
+    built = bundle_sets.build_bundle_set("random:tiny-gpt2", tmp_path / "set", settings=settings, base=(model, tokenizer))
     assert {p.name for p in built.iterdir()} >= {"lora", "chameleon"}
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[name], value) for name, value in before.items())

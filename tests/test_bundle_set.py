@@ -11,7 +11,8 @@ import torch
 from gradio_client import Client
 
 from chameleon_core.bundle import load_bundle, read_bundle_config
-from chameleon_core.demo import find_bundle_set
+from chameleon_core.bundle_set import find_bundle_set
+from chameleon_core.inference import Request
 from chameleon_core.serving import Scheduler
 
 import app
@@ -82,9 +83,9 @@ def test_merged_requests_answer_as_they_do_alone(served):
     writes exactly what each request writes alone, greedy and sampled."""
     bundle_set = served[0].bundle_set
     science, writing = (app.EXAMPLES[name].splitlines() for name in ("Science and numbers", "Writing and language"))
-    requests = [(INSTRUCTIONS, {}), (science[:3], {"do_sample": True, "seed": 3}), (writing[1:3] + science[3:], {})]
+    requests = [(INSTRUCTIONS, {}), (science[:3], {"decoding": "sample", "seed": 3}), (writing[1:3] + science[3:], {})]
     with Scheduler(bundle_set, window=1.0) as scheduler:
-        jobs = [scheduler.submit(prompts, max_new_tokens=12, **extra) for prompts, extra in requests]
+        jobs = [scheduler.submit(Request.parse(prompts, max_new_tokens=12, **extra)) for prompts, extra in requests]
         merged = [job.result(timeout=300).rows() for job in jobs]
     assert scheduler.batch_sizes == {3: 1}
-    assert merged == [bundle_set.compare(prompts, max_new_tokens=12, **extra).rows() for prompts, extra in requests]
+    assert merged == [bundle_set.compare(Request.parse(prompts, max_new_tokens=12, **extra)).rows() for prompts, extra in requests]

@@ -1,56 +1,44 @@
-"""The demo's backend: a bundle set, its base model, static LoRA and ChameleonLLM answering the same prompts.
+"""A bundle set: a base model with its static-LoRA and ChameleonLLM bundles answering the same prompts.
 
 A *bundle set* is a folder holding a ``lora/`` and a ``chameleon/`` bundle trained on the same data.
-This module finds the set for a model (by its weights' fingerprint) or builds a small one, maps the
-training points in 2-D, and compares the three models on new prompts through :mod:`.inference`:
-one request, or several merged into one mixed batch, each answered exactly as it would be alone.
-The app (through the scheduler in :mod:`.serving`) and the ``generate`` command's bundle-set form
-use it. Serving a set never imports training; only :func:`build_bundle_set` does, when it trains.
+This module finds the set for a model (by its weights' fingerprint), builds a small one, opens it,
+and compares the three models on new prompts through :mod:`.inference`: one request, or several
+merged into one mixed batch (:class:`~.inference.MixedRows`), each answered exactly as it would be
+alone. The app (through the scheduler in :mod:`.serving`) and the ``generate`` command's bundle-set
+form use it. Serving a set never imports training; only :func:`build_bundle_set` does, when it trains.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
-import pickle
 import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .bundle import Bundle, BundleError, Points, fetch_bundle, load_bundle, read_bundle_config
 from .clustering import Clusters
-from .hyper_head import condition_groups, hyper_head
+from .hyper_head import hyper_head
 from .inference import (
     AdapterView,
     Assignment,
     FittedPrompts,
-    InputError,
-    Settings,
-    Stream,
+    MixedRows,
+    Request,
     adapter_summary,
     answer_stops,
-    assign,
-    check_settings,
-    embed_prompts,
     fit_prompts,
-    generate_rows,
-    row_seeds,
 )
-from .models import default_cache_dir, load_model, model_fingerprint
+from .models import load_model, model_fingerprint
 from .regimes import STATIC
 
 COMPARED = {"base": "Base", "lora": "Static LoRA", "chameleon": "ChameleonLLM"}  # regime -> display name
-MIN_UMAP_POINTS = 30  # fewer training points than this are projected with PCA
 # A demo set built on first start: one epoch of static LoRA and of ChameleonLLM, small enough to
 # train in about half an hour on 2 CPU cores with SmolLM2 (rows of up to 128 tokens, 63 steps).
 DEMO_SETTINGS = {"epochs": 1, "max_train_rows": 1000, "max_eval_rows": 200, "max_length": 128, "batch_size": 16,
@@ -61,9 +49,6 @@ SHARED_SETTINGS = {"dataset": "dataset", "protocol": "protocol", "prompt format"
                    "data source": "train.data_dir", "data split seed": "train.data_seed",
                    "held-out rows": "train.max_eval_rows"}
 TRAINING_SETTINGS = ("rank", "epochs", "lr", "batch_size", "max_length")  # may differ per column; shown per column
-# An absolute path (the server's layout) in a message a client sees: kept to its last two parts.
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^/\s'\"`]+/)*([^/\s'\"`]+/[^/\s'\"`]+)")
-_MARKUP = re.compile(r"<[A-Za-z!/?][^<>]*>|&(?:[A-Za-z]+|#\d+|#x[0-9A-Fa-f]+);")
 
 Progress = Callable[[float, str], None]
 
@@ -81,71 +66,6 @@ def _unreported(index: int, comparison: Comparison) -> None:
 
 def _never(index: int) -> bool:
     return False
-
-
-def markup_prompts(prompts: list[str]) -> list[int]:
-    """1-based numbers of the prompts that look like HTML/XML (they are still used as plain text)."""
-    return [number for number, prompt in enumerate(prompts, start=1) if _MARKUP.search(prompt)]
-
-
-# ---------------------------------------------------------------- 2-D map of the training points
-@dataclass
-class Projection:
-    """A 2-D map fitted once on training embeddings; ``transform`` places new prompts on it."""
-
-    method: str  # "umap" or "pca"
-    reducer: object
-    coords: np.ndarray  # (n, 2) the training points
-
-    def transform(self, embeddings: torch.Tensor) -> np.ndarray:
-        return np.asarray(self.reducer.transform(embeddings.float().cpu().numpy()))
-
-
-_PROJECTIONS: dict[str, Projection] = {}
-_PROJECTION_LOCK = threading.Lock()
-
-
-def fit_projection(embeddings: torch.Tensor, seed: int = 0, cache_dir: str | Path | None = None) -> Projection:
-    """UMAP (PCA below ``MIN_UMAP_POINTS`` points), cached in memory and on disk by content.
-
-    The disk cache lives in the user's cache folder, never in a bundle: it is a pickle, and a
-    bundle is data that may come from anyone.
-    """
-    points = embeddings.float().cpu().numpy()
-    method = "umap" if len(points) >= MIN_UMAP_POINTS else "pca"
-    key = hashlib.blake2b(f"{method}:{seed}:{points.shape}".encode() + points.tobytes(), digest_size=16).hexdigest()
-    file = Path(cache_dir or default_cache_dir()) / "projections" / f"{key}.pkl"
-    with _PROJECTION_LOCK:
-        if key in _PROJECTIONS:
-            return _PROJECTIONS[key]
-        projection = _cached_projection(file)
-        if projection is None:
-            if method == "umap":
-                import umap
-
-                reducer = umap.UMAP(n_neighbors=15, random_state=seed, n_jobs=1)
-            else:
-                from sklearn.decomposition import PCA
-
-                reducer = PCA(n_components=min(2, *points.shape), random_state=seed)
-            coords = reducer.fit_transform(points)
-            projection = Projection(method, reducer, np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))))
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(".tmp")
-            tmp.write_bytes(pickle.dumps(projection))
-            tmp.replace(file)
-        _PROJECTIONS[key] = projection
-        return projection
-
-
-def _cached_projection(file: Path) -> Projection | None:
-    """The projection pickled in ``file``, or None when it is absent or unreadable: written by another
-    version of this code (a class that moved), by other library versions, or cut short."""
-    try:
-        projection = pickle.loads(file.read_bytes())
-    except Exception:  # noqa: BLE001 (absent, or any unpickling failure: a cache miss, the map is refitted)
-        return None
-    return projection if isinstance(projection, Projection) else None
 
 
 # ---------------------------------------------------------------- bundle sets
@@ -174,15 +94,6 @@ def _recorded(config: dict, where: str) -> object:
     for key in where.split("."):
         value = value.get(key) if isinstance(value, dict) else None
     return value
-
-
-def client_message(message: str, sets: str | Path | None = None) -> str:
-    """``message`` as a client may see it: the folder holding the bundle sets is left out (a bundle is
-    named by its set-relative name, ``trunc/chameleon``) and any other absolute path is cut to its last
-    two parts, so no client learns the server's layout. The server's log keeps the full message."""
-    if sets is not None:
-        message = message.replace(f"{str(sets).rstrip('/')}/", "")
-    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 def find_bundle_set(root: str | Path, model: PreTrainedModel) -> Path | None:
@@ -261,7 +172,6 @@ class BundleSet:
     """A base model with its static-LoRA and ChameleonLLM bundles, ready to compare on new prompts.
 
     One lock serialises the models: the hyper head holds its conditioning while it generates.
-    Another guards the map's projection, so placing prompts on it never waits for a generation.
     """
 
     def __init__(self, path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: Bundle, chameleon: Bundle):
@@ -276,7 +186,6 @@ class BundleSet:
         self.points = chameleon.points or Points(clusters.centroids, torch.arange(clusters.k), [f"centroid {c}" for c in range(clusters.k)])
         self.template = chameleon.metadata.get("prompt_template", "{prompt}")
         self.lock = threading.Lock()
-        self._map_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> BundleSet:
@@ -289,18 +198,6 @@ class BundleSet:
     @property
     def clusters(self) -> Clusters:
         return self.chameleon.clusters
-
-    @functools.cached_property
-    def projection(self) -> Projection:
-        """The 2-D map of the training points, fitted on first use."""
-        projection = fit_projection(self.points.embeddings)
-        projection.transform(self.points.embeddings[:1])  # compiles UMAP's transform now, not on a first request
-        return projection
-
-    def place(self, embeddings: torch.Tensor) -> np.ndarray:
-        """(N, 2) map coordinates of new inputs, next to the training points' ``projection.coords``."""
-        with self._map_lock:
-            return self.projection.transform(embeddings)
 
     def describe(self) -> dict:
         """What the set was trained on, for a status line: the data the two share, the training settings of each."""
@@ -320,18 +217,15 @@ class BundleSet:
             return texts["chameleon"]
         return "; ".join(f"{COMPARED[regime]}: {text}" for regime, text in texts.items())
 
-    def compare(
-        self, prompts: list[str], clusters: str = "trained", k: int = 3, max_new_tokens: int = 32,
-        do_sample: bool = False, seed: int = 0,
-    ) -> Comparison:
+    def compare(self, request: Request) -> Comparison:
         """One request alone: cut, embed, assign, generate with all three models and summarise the generated adapters.
 
         Every step reads the same cut prompts (:func:`fit_prompts`); an :class:`InputError` says
-        what to change when a setting is out of range or the request exceeds its token budget. It
-        runs as a batch of one through :meth:`compare_batch`, the path a scheduler's merged batches
-        take, so a request answers the same alone and merged.
+        what to change when the request exceeds its token budget. It runs as a batch of one through
+        :meth:`compare_batch`, the path a scheduler's merged batches take, so a request answers the
+        same alone and merged.
         """
-        [result] = self.compare_batch([make_request(prompts, clusters, k, max_new_tokens, do_sample, seed)])
+        [result] = self.compare_batch([request])
         if isinstance(result, Exception):
             raise result
         return result
@@ -344,7 +238,7 @@ class BundleSet:
         each request is cut, assigned and conditioned on its own: k-means among the prompts is the
         request's, and its groups (one per cluster, conditioned as the bundle was trained) take ids
         no other request shares, so no request's adapter reads another's prompts. Each model then
-        runs all the rows as one mixed-cluster batch per :func:`length_buckets` bucket, every answer
+        runs all the rows as one mixed-cluster batch per :func:`~.inference.length_buckets` bucket, every answer
         ending where the prompt template's answer ends (:func:`~.inference.answer_stops`).
         ``report(i, comparison)`` hands over request ``i``'s comparison once it is assigned, after
         every decoding step that lengthens one of its answers (the model at work is its
@@ -361,10 +255,10 @@ class BundleSet:
                 report(i, comparison)
 
             if live:
-                rows = self._mix([requests[i] for i in live], [fitted[i] for i in live])
+                rows = MixedRows.mix(self.chameleon, [requests[i] for i in live], [fitted[i] for i in live])
                 owner = [i for i, span in zip(live, rows.spans) for _ in range(span.start, span.stop)]  # row -> request
-                for i, comparison in zip(live, rows.comparisons):
-                    advance(i, comparison)
+                for i, span, assignment in zip(live, rows.spans, rows.assignments):
+                    advance(i, Comparison(list(requests[i].prompts), fitted[i], rows.embeddings[span], assignment, {}))
                 for regime, model, tokenizer in (("base", self.model, self.tokenizer), ("lora", self.lora.model, self.lora.tokenizer),
                                                  ("chameleon", self.chameleon.model, self.chameleon.tokenizer)):
                     running = [i for i in live if not cancelled(i)]
@@ -398,30 +292,10 @@ class BundleSet:
     def _fit(self, request: Request) -> FittedPrompts | Exception:
         """The request's prompts cut to the model's positions, or why they cannot be (that request's error alone)."""
         try:
-            return fit_prompts(self.model, self.tokenizer, list(request.prompts), request.settings.max_new_tokens,
+            return fit_prompts(self.model, self.tokenizer, list(request.prompts), request.max_new_tokens,
                                self.template)
         except Exception as err:  # noqa: BLE001 (handed to the request it belongs to, never to its batch mates)
             return err
-
-    def _mix(self, requests: list[Request], fitted: list[FittedPrompts]) -> MixedRows:
-        """Every request's rows side by side: embedded at once, then assigned and conditioned request by request."""
-        sizes = [len(f.texts) for f in fitted]
-        embeddings = embed_prompts(self.chameleon, [condition for f in fitted for condition in f.conditions])
-        conditioning = self.chameleon.adapter.conditioning
-        comparisons, conditions, groups = [], [], []
-        for request, f, own in zip(requests, fitted, embeddings.split(sizes)):
-            settings = request.settings
-            assignment = assign(self.chameleon, own, settings.clusters, settings.k, settings.seed)
-            comparisons.append(Comparison(list(request.prompts), f, own, assignment, {}))
-            vectors, group = condition_groups(own, conditioning, assignment.labels, assignment.centroids)
-            groups.append(group + sum(map(len, conditions)))  # ids unique to this request
-            conditions.append(vectors)
-        seeds = [seed for r, size in zip(requests, sizes) for seed in row_seeds(size, r.settings.do_sample, r.settings.seed)]
-        ends = np.cumsum(sizes).tolist()
-        return MixedRows(comparisons, [slice(end - size, end) for end, size in zip(ends, sizes)],
-                         [text for f in fitted for text in f.texts], [n for f in fitted for n in f.lengths],
-                         [f.max_new_tokens for f in fitted for _ in f.texts], seeds, embeddings, torch.cat(groups),
-                         torch.cat(conditions))
 
 
 def _training(bundle: Bundle) -> dict:
@@ -437,82 +311,6 @@ def _trained_text(train: dict, dataset: str) -> str:
     length = f" of up to {train['max_length']} tokens" if train.get("max_length") else ""
     rank, epochs = ("?" if train.get(key) is None else train[key] for key in ("rank", "epochs"))
     return f"rank {rank}, {epochs} epoch(s) on {rows}{length}"
-
-
-class Request(NamedTuple):
-    """One client's prompts and checked settings (:func:`make_request`): what a mixed batch answers."""
-
-    prompts: tuple[str, ...]
-    settings: Settings
-
-
-def make_request(
-    prompts: list[str], clusters: str = "trained", k: int = 3, max_new_tokens: int = 32, do_sample: bool = False,
-    seed: int = 0,
-) -> Request:
-    """A request with its settings checked: an :class:`InputError` says what to change."""
-    if not prompts:
-        raise InputError("Enter at least one prompt; the request has none.")
-    return Request(tuple(prompts), check_settings(clusters, k, max_new_tokens, seed, "sample" if do_sample else "greedy"))
-
-
-def length_buckets(lengths: Sequence[int], new_tokens: Sequence[int]) -> list[list[int]]:
-    """Row indices grouped into the batches they are generated in: one per number of new tokens,
-    split further by prompt length only where that pays.
-
-    Every decoding step costs a batch about the same whatever its prompts' lengths, and a second
-    batch repeats every step, so rows stay together unless padding them to the longest would make
-    more than half of the batch's prompt tokens padding. Rows keep their order within a batch.
-    """
-    by_tokens: dict[int, list[int]] = {}
-    for row, tokens in enumerate(new_tokens):
-        by_tokens.setdefault(tokens, []).append(row)
-    buckets = []
-    for rows in by_tokens.values():
-        bucket, real = [], 0
-        for row in sorted(rows, key=lengths.__getitem__):
-            if bucket and (len(bucket) + 1) * lengths[row] > 2 * (real + lengths[row]):
-                buckets.append(sorted(bucket))
-                bucket, real = [], 0
-            bucket.append(row)
-            real += lengths[row]
-        buckets.append(sorted(bucket))
-    return buckets
-
-
-@dataclass
-class MixedRows:
-    """The rows of several requests side by side, with what each model needs to generate them together."""
-
-    comparisons: list[Comparison]  # each request's, assigned, no generations yet
-    spans: list[slice]  # each request's rows
-    texts: list[str]
-    lengths: list[int]  # tokens of each text
-    new_tokens: list[int]
-    seeds: list[int | None]  # each row's sampling seed (None: greedy), from its request's seed and its row there
-    embeddings: torch.Tensor  # (N, d)
-    groups: torch.Tensor  # (N,) each row's group: one per (request, cluster)
-    conditions: torch.Tensor  # (G, d) each group's conditioning vector, made from its own request's rows
-
-    def generate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str] = (),
-                 stream: Stream | None = None, cancelled: Callable[[int], bool] | None = None) -> list[str]:
-        """Every row's continuation, a batch per length bucket; ``stops``, ``stream`` and ``cancelled``
-        as :func:`~.inference.generate_rows`'s, with the rows numbered as here.
-
-        Each group's vector is handed to the head as its ``centroid``, so a bucket holding part of
-        a group is conditioned on the whole group, exactly as the request alone would be.
-        """
-        texts = [""] * len(self.texts)
-        for bucket in length_buckets(self.lengths, self.new_tokens):
-            generated = generate_rows(
-                model, tokenizer, [self.texts[i] for i in bucket], [self.seeds[i] for i in bucket], self.embeddings[bucket],
-                self.groups[bucket], self.conditions, self.new_tokens[bucket[0]], "centroid", stops,
-                stream and (lambda grew, bucket=bucket: stream({bucket[row]: text for row, text in grew.items()})),
-                cancelled and (lambda row, bucket=bucket: cancelled(bucket[row])),
-            )
-            for row, text in zip(bucket, generated):
-                texts[row] = text
-        return texts
 
 
 @dataclass
