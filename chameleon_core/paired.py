@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runs import ROWS_FILE
+
 DELTA = 0.005  # nats: a smaller difference in mean validation loss counts as none (equivalence margin)
 RESAMPLES = 2000
 VERDICTS = ("better", "worse", "equivalent", "inconclusive")
@@ -21,7 +23,7 @@ VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 def read_rows(folder: Path, key: str = "eval") -> dict | None:
     """The per-row losses one run saved under ``key`` (``eval`` or ``eval_shuffled_condition``), or None for a
     run recorded before they were saved."""
-    path = Path(folder) / "rows.json"
+    path = Path(folder) / ROWS_FILE
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get(key)

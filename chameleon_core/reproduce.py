@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .paired import DELTA, describe, paired_difference, read_rows
 from .protocols import PROTOCOLS
 from .regimes import HEAD_ONLY
-from .train import TrainConfig, finished_run, train
+from .runs import finished_run
+from .train import TrainConfig, train
 
 HEADLINE = {
     "base": {"regime": "base"},

@@ -1,24 +1,23 @@
 """Training and evaluation of one regime under one protocol, with checkpoints and resume.
 
-A run folder is also a bundle: after the last epoch it holds the adapters (``load_bundle``
-reads it), ``metrics.json`` and ``metrics.csv``; while training it holds ``checkpoint.pt``,
-from which ``resume=True`` continues to the same final metrics as an uninterrupted run.
+``train`` reads as its steps: set up the model and data, resume from a checkpoint, train epoch by
+epoch (a checkpoint after each), then finish: the final evaluation, the bundle and the metrics.
+A run folder is also a bundle: after the last epoch it holds the adapters (``load_bundle`` reads
+it), ``metrics.json`` and ``metrics.csv``; while training it holds ``checkpoint.pt``, from which
+``resume=True`` continues to the same final metrics as an uninterrupted run. ``runs`` says what a
+folder holds and writes its records.
 Multi-GPU: ``accelerate launch -m chameleon_core train ...``; each process takes every
 ``num_processes``-th cluster-homogeneous batch.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import math
-import os
-import pickle
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,10 @@ from .hyper_head import adapter_diversity, conditioned, conditioned_head
 from .models import load_model, resolve_device
 from .protocols import Encoded, Protocol, get_protocol
 from .regimes import CONDITIONED, HEAD_ONLY, ROUTED, AdapterConfig, adapter_state, apply_regime, trainable_parameters
+from .runs import clear_run, config_dict, finished_run, run_folder, save_checkpoint, write_finished_run
 
 SAMPLERS = ("cluster", "random")
 POINTS_IN_BUNDLE = 2000
-ROWS_FILE = "rows.json"  # beside metrics.json: every evaluated row's loss, for paired comparisons
 
 MAX_SEED = 2**32 - 1  # NumPy takes 32-bit seeds
 
@@ -268,13 +267,35 @@ def prepare(config: TrainConfig, model, tokenizer) -> tuple[Split, Split, Split,
     return every["train"], held["validation"], held[eval_name], clusters, info
 
 
-def _write_metrics(out: Path, result: dict) -> None:
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "val_loss", "val_ppl", "seconds"])
-        writer.writeheader()
-        for row in result["history"]:
-            writer.writerow({k: row[k] for k in writer.fieldnames})
+@dataclass
+class _Run:
+    """A run in training: what ``train`` sets up once, and the progress each epoch adds (what a checkpoint holds)."""
+
+    config: TrainConfig
+    out: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # what trains: wrapped for multi-process training once the accelerator prepares it
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: torch.optim.Optimizer | None  # None: the regime trains nothing
+    train_split: Split
+    val_split: Split
+    eval_split: Split
+    clusters: Clusters
+    info: dict  # what prepare says about the splits, for the metrics
+    adapter: AdapterConfig
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    best: dict | None = None  # with patience: {"epoch", "val" (its evaluation), "adapter"} of the lowest validation loss so far
+
+    @property
+    def core(self) -> torch.nn.Module:
+        """The model itself, out of any multi-process wrapper: what is conditioned, evaluated and saved."""
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def epochs(self) -> int:
+        """The epochs to train: none where the regime has nothing to train (``base``)."""
+        return self.config.epochs if self.optimizer is not None else 0
 
 
 def train(
@@ -296,23 +317,34 @@ def train(
         raise ValueError(f"cached_features (--cached-features) needs a head-only regime ({', '.join(HEAD_ONLY)}); "
                          f"{config.regime!r} adapts the transformer, whose hidden states then change as it trains")
     device = resolve_device(config.device)  # a device asked for and missing is refused before any work
-    out = _run_folder(out)
-    if not resume and not overwrite and (held := _held_run(out)):
-        raise ValueError(
-            f"{out} already holds {held}; pass --overwrite to replace it, --resume to continue it with the same "
-            "settings, or choose another --out"
-        )
-    recorded = _recorded_run(out) if resume else None
-    if recorded and _recorded_config(recorded.config) != _config_dict(config):
-        raise ValueError(
-            f"{out} holds a run made with a different configuration ({recorded.describe(config)}); resume with its "
-            "settings, choose another --out, or pass --overwrite without --resume to replace it"
-        )
+    out, recorded = run_folder(out, config, resume, overwrite)
     if resume and (done := finished_run(out, config)):
         return done
     report = progress or (lambda fraction, message: None)
     began = time.time()
     accelerator = Accelerator(cpu=device.type == "cpu")
+    run = _setup(config, out, accelerator, report, show_progress, base)
+    if recorded is not None and recorded.checkpoint is not None:
+        _resume(run, recorded.checkpoint)
+    if overwrite and accelerator.is_main_process:  # the replaced run's records go once this run starts
+        clear_run(out)
+    if run.optimizer is not None:
+        run.model, run.optimizer = accelerator.prepare(run.model, run.optimizer)
+    val = None  # the last epoch's validation
+    for epoch in range(run.start_epoch, run.epochs):
+        if run.best is not None and epoch - run.best["epoch"] >= config.patience:
+            break  # no better validation loss for `patience` epochs
+        val = _run_epoch(run, epoch, report, show_progress)
+        if accelerator.is_main_process:
+            save_checkpoint(out, _checkpoint(run, epoch))
+    return _finish(run, val, report, began)
+
+
+def _setup(
+    config: TrainConfig, out: Path, accelerator: Accelerator, report: Callable[[float, str], None], show_progress: bool,
+    base: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None,
+) -> _Run:
+    """The model loaded and adapted, the splits encoded and clustered, and the optimizer for the adapters."""
     report(0.0, f"loading {config.model}")
     if base is None:
         model, tokenizer = load_model(config.model, device=str(accelerator.device))
@@ -321,76 +353,84 @@ def train(
     seed_everything(config.seed)  # after loading: a random model seeds itself while it is built
     report(0.05, f"encoding {config.dataset} ({config.protocol} protocol)")
     train_split, val_split, eval_split, clusters, info = prepare(config, model, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    protocol = get_protocol(config.protocol)
     if config.cached_features:  # before the adapters: the frozen transformer's states, once per split
         if accelerator.num_processes > 1:
             raise ValueError("cached_features (--cached-features) trains in one process; leave it out with accelerate")
         report(0.07, "computing the transformer's hidden states (cached)")
+        protocol, pad_id = get_protocol(config.protocol), tokenizer.pad_token_id
         for split in {id(split): split for split in (train_split, val_split, eval_split)}.values():  # eval may be val
             split.features = cached_features(model, split.encoded, protocol, pad_id, progress=show_progress)
     adapter = apply_regime(model, replace(config.adapter, clusters=clusters.k)).config
-    history, start_epoch = [], 0
-    best = None  # with patience: {"epoch", "val" (its evaluation), "adapter"} of the lowest validation loss so far
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr) if params else None
-    checkpoint = out / "checkpoint.pt"
-    if resume and recorded and (state := recorded.checkpoint) is not None:
-        model.load_state_dict(state["adapter"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        history, start_epoch, best = state["history"], state["epoch"] + 1, state.get("best")
-    if overwrite and accelerator.is_main_process:  # the replaced run's records go once this run starts
-        for name in ("checkpoint.pt", "metrics.json", "metrics.csv", ROWS_FILE):
-            (out / name).unlink(missing_ok=True)
-    if optimizer is not None:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
-    epochs = config.epochs if params else 0
-    for epoch in range(start_epoch, epochs):
-        if best is not None and epoch - best["epoch"] >= config.patience:
-            break  # no better validation loss for `patience` epochs
-        model.train()
-        started, losses = time.time(), []
-        epoch_batches = batches(train_split, config, config.seed, epoch, accelerator.process_index, accelerator.num_processes)
-        bar = tqdm(epoch_batches, desc=f"{config.regime} epoch {epoch + 1}/{epochs}", disable=not show_progress or not accelerator.is_main_process, leave=False)
-        for step, idx in enumerate(bar):
-            with _conditioned(core, train_split, idx, config, clusters):
-                row_sums, row_counts = _row_terms(model, train_split, idx, protocol, pad_id, accelerator.device)
-                loss = row_sums.sum() / row_counts.sum().clamp(min=1)
-                losses.append(loss.item())
-                if not math.isfinite(losses[-1]):
-                    raise TrainingDiverged(
-                        f"training stopped at epoch {epoch + 1}, step {step + 1}: the loss became {losses[-1]} "
-                        f"(lr {config.lr:g}, alpha {config.alpha:g}); nothing was saved as finished"
-                        + (f" ({checkpoint.name} holds the last finished epoch)" if checkpoint.is_file() else "")
-                        + ". Lower --lr or --alpha and start over with --overwrite"
-                    )
-                accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            report(0.1 + 0.85 * (epoch + (step + 1) / len(epoch_batches)) / epochs, f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.3f}")
-        val = evaluate(core, val_split, config, clusters, pad_id)
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val["loss"], "val_ppl": val["ppl"], "seconds": time.time() - started, "step_losses": losses})
-        if config.patience and (best is None or val["loss"] < best["val"]["loss"]):
-            best = {"epoch": epoch + 1, "val": val, "adapter": {k: v.clone() for k, v in adapter_state(core).items()}}
-        if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"config": _config_dict(config), "epoch": epoch, "adapter": adapter_state(core), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "history": history, "best": best}, tmp)
-            tmp.replace(checkpoint)
-    if best is not None:  # early stopping: the best epoch's adapters are the run's
-        core.load_state_dict(best["adapter"], strict=False)
-        val = best["val"]
+    return _Run(config, out, accelerator, model, tokenizer, optimizer, train_split, val_split, eval_split, clusters, info, adapter)
+
+
+def _checkpoint(run: _Run, epoch: int) -> dict:
+    """The state after ``epoch`` that :func:`_resume` continues from."""
+    return {"config": config_dict(run.config), "epoch": epoch, "adapter": adapter_state(run.core),
+            "optimizer": run.optimizer.state_dict(), "rng": torch.get_rng_state(), "history": run.history, "best": run.best}
+
+
+def _resume(run: _Run, state: dict) -> None:
+    """Continue after a checkpoint's epoch, with its adapters, optimizer, random state and history, so that the run
+    ends with the same metrics as one never interrupted."""
+    run.model.load_state_dict(state["adapter"], strict=False)
+    run.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    run.history, run.start_epoch, run.best = state["history"], state["epoch"] + 1, state.get("best")
+
+
+def _run_epoch(run: _Run, epoch: int, report: Callable[[float, str], None], show_progress: bool) -> dict:
+    """One epoch over this process's share of the batches, then validation, recorded in the run's history;
+    returns the validation result."""
+    config, accelerator, core = run.config, run.accelerator, run.core
+    protocol, pad_id = get_protocol(config.protocol), run.tokenizer.pad_token_id
+    run.model.train()
+    started, losses = time.time(), []
+    epoch_batches = batches(run.train_split, config, config.seed, epoch, accelerator.process_index, accelerator.num_processes)
+    bar = tqdm(epoch_batches, desc=f"{config.regime} epoch {epoch + 1}/{run.epochs}", disable=not show_progress or not accelerator.is_main_process, leave=False)
+    for step, idx in enumerate(bar):
+        with _conditioned(core, run.train_split, idx, config, run.clusters):
+            row_sums, row_counts = _row_terms(run.model, run.train_split, idx, protocol, pad_id, accelerator.device)
+            loss = row_sums.sum() / row_counts.sum().clamp(min=1)
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                checkpoint = run.out / "checkpoint.pt"
+                raise TrainingDiverged(
+                    f"training stopped at epoch {epoch + 1}, step {step + 1}: the loss became {losses[-1]} "
+                    f"(lr {config.lr:g}, alpha {config.alpha:g}); nothing was saved as finished"
+                    + (f" ({checkpoint.name} holds the last finished epoch)" if checkpoint.is_file() else "")
+                    + ". Lower --lr or --alpha and start over with --overwrite"
+                )
+            accelerator.backward(loss)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        report(0.1 + 0.85 * (epoch + (step + 1) / len(epoch_batches)) / run.epochs, f"epoch {epoch + 1}/{run.epochs}: loss {losses[-1]:.3f}")
+    val = evaluate(core, run.val_split, config, run.clusters, pad_id)
+    run.history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val["loss"], "val_ppl": val["ppl"], "seconds": time.time() - started, "step_losses": losses})
+    if config.patience and (run.best is None or val["loss"] < run.best["val"]["loss"]):
+        run.best = {"epoch": epoch + 1, "val": val, "adapter": {k: v.clone() for k, v in adapter_state(core).items()}}
+    return val
+
+
+def _finish(run: _Run, val: dict | None, report: Callable[[float, str], None], began: float) -> dict:
+    """The run's metrics: the final evaluation of its kept adapters; the main process saves the bundle beside them
+    and marks the run finished."""
+    config, core, clusters, pad_id = run.config, run.core, run.clusters, run.tokenizer.pad_token_id
+    train_split, eval_split, history, info = run.train_split, run.eval_split, run.history, run.info
+    if run.best is not None:  # early stopping: the best epoch's adapters are the run's
+        core.load_state_dict(run.best["adapter"], strict=False)
+        val = run.best["val"]
     report(0.95, "evaluating")
     # the last epoch's validation pass already scored the evaluation split when the two are one split
-    ran_last_epoch = start_epoch < epochs
-    final = val if ran_last_epoch and eval_split is val_split else evaluate(core, eval_split, config, clusters, pad_id)
+    ran_last_epoch = run.start_epoch < run.epochs
+    final = val if ran_last_epoch and eval_split is run.val_split else evaluate(core, eval_split, config, clusters, pad_id)
     train_loss = history[-1]["train_loss"] if history else evaluate(core, train_split, config, clusters, pad_id)["loss"]
     result = {
-        "config": _config_dict(config),
-        "adapter": adapter.to_dict(),
+        "config": config_dict(config),
+        "adapter": run.adapter.to_dict(),
         "trainable_parameters": trainable_parameters(core),
         "total_parameters": sum(p.numel() for p in core.parameters()),
         "train_loss": train_loss,
@@ -400,126 +440,24 @@ def train(
         **info,
         "complete": True,
     }
-    if best is not None:
-        result["best_epoch"] = best["epoch"]
+    if run.best is not None:
+        result["best_epoch"] = run.best["epoch"]
     if config.regime in CONDITIONED:
         result["eval_shuffled_condition"] = evaluate(core, eval_split, config, clusters, pad_id, shuffle_condition=True)
     rows = {key: result[key].pop("per_row") for key in ("eval", "eval_shuffled_condition") if key in result}
     if (head := conditioned_head(core)) is not None:
         result["adapter_diversity"] = adapter_diversity(head, clusters.centroids)
     result["wall_seconds"] = time.time() - began  # this process's share when the run was resumed
-    if accelerator.is_main_process:
+    if run.accelerator.is_main_process:
         sample = torch.randperm(len(train_split.encoded), generator=torch.Generator().manual_seed(0))[:POINTS_IN_BUNDLE]
         points = Points(train_split.encoded.cond[sample], train_split.labels[sample], [train_split.encoded.texts[i][:300] for i in sample])
-        metadata = {"dataset": config.dataset, "protocol": config.protocol, "embedding": info["embedding"], "train": _config_dict(config), "rows": info["rows"], "metrics": {k: result[k] for k in ("train_loss", "eval")}}
+        metadata = {"dataset": config.dataset, "protocol": config.protocol, "embedding": info["embedding"], "train": config_dict(config), "rows": info["rows"], "metrics": {k: result[k] for k in ("train_loss", "eval")}}
         if config.dataset == "alpaca":
             metadata["prompt_template"] = "### Instruction:\n{prompt}\n\n### Response:\n"
-        save_bundle(out, core, tokenizer, adapter, clusters, metadata, config.model, points)
-        (out / ROWS_FILE).write_text(json.dumps(rows))
-        _write_metrics(out, result)
-        checkpoint.unlink(missing_ok=True)
+        save_bundle(run.out, core, run.tokenizer, run.adapter, clusters, metadata, config.model, points)
+        write_finished_run(run.out, result, rows)
     report(1.0, "done")
     return result
-
-
-def finished_run(out: Path, config: TrainConfig) -> dict | None:
-    """The metrics of a completed run of exactly ``config`` in ``out``, else None."""
-    path = Path(out) / "metrics.json"
-    if not path.is_file():
-        return None
-    done = _read_json(path)
-    return done if done.get("complete") and _recorded_config(done.get("config")) == _config_dict(config) else None
-
-
-# The files that mark a folder as holding a run, newest state first.
-RUN_RECORDS = {
-    "checkpoint.pt": "an unfinished run (checkpoint.pt)",
-    "metrics.json": "a finished run (metrics.json)",
-    "config.json": "a bundle (config.json)",
-}
-
-
-@dataclass
-class RecordedRun:
-    """The newest record of a run in a folder: its checkpoint, else its metrics, else its bundle."""
-
-    what: str  # one of RUN_RECORDS' descriptions
-    config: dict | None  # its TrainConfig as a dict; None for a bundle not written by ``train``
-    checkpoint: dict | None = None  # the loaded checkpoint, to resume from
-
-    def describe(self, config: TrainConfig) -> str:
-        """``what: lr: 0.0005 -> 0.01, batch_size: 1000 -> 32`` (recorded -> requested)."""
-        if self.config is None:
-            return f"{self.what}, which records no training configuration"
-        recorded, wanted = _recorded_config(self.config), _config_dict(config)
-
-        def show(values: dict, key: str) -> str:
-            return repr(values[key]) if key in values else "(not set)"
-
-        changed = [key for key in {**wanted, **recorded} if show(recorded, key) != show(wanted, key)]
-        return f"{self.what}: " + ", ".join(f"{key}: {show(recorded, key)} -> {show(wanted, key)}" for key in changed)
-
-
-def _held_run(out: Path) -> str | None:
-    """What kind of run ``out`` already holds (see :data:`RUN_RECORDS`), or None."""
-    return next((what for name, what in RUN_RECORDS.items() if (out / name).is_file()), None)
-
-
-def _recorded_run(out: Path) -> RecordedRun | None:
-    """The newest record of a run in ``out`` with its configuration, or None for a folder without a run."""
-    what = _held_run(out)
-    if what == RUN_RECORDS["checkpoint.pt"]:
-        checkpoint = out / "checkpoint.pt"
-        try:
-            state = torch.load(checkpoint, weights_only=False)
-            return RecordedRun(what, state["config"], state)
-        except (RuntimeError, EOFError, OSError, KeyError, TypeError, pickle.UnpicklingError) as err:
-            raise ValueError(
-                f"{checkpoint} is unreadable ({str(err).splitlines()[0][:120]}); pass --overwrite without --resume "
-                "to start the run over"
-            ) from None
-    if what == RUN_RECORDS["metrics.json"]:
-        return RecordedRun(what, _read_json(out / "metrics.json").get("config"))
-    if what == RUN_RECORDS["config.json"]:
-        return RecordedRun(what, (_read_json(out / "config.json").get("metadata") or {}).get("train"))
-    return None
-
-
-def _read_json(path: Path) -> dict:
-    """A run folder's JSON record, or a ValueError that names the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is unreadable ({err}); pass --overwrite without --resume to start the run over") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds no JSON object; pass --overwrite without --resume to start the run over")
-    return data
-
-
-def _run_folder(out: str | Path) -> Path:
-    """``out`` as an existing, writable folder, or a ValueError before any model is loaded."""
-    out = Path(out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"the run folder (--out) {out} is a file; choose a folder") from None
-    except NotADirectoryError:
-        file = next((p for p in out.parents if p.is_file()), out.parent)
-        raise ValueError(f"the run folder (--out) {out} lies under {file}, which is a file, not a folder") from None
-    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
-        raise ValueError(f"cannot create the run folder (--out) {out}: {getattr(err, 'strerror', None) or err}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to the run folder (--out) {out}: permission denied")
-    return out
-
-
-def _config_dict(config: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(config)))
-
-
-def _recorded_config(recorded: dict | None) -> dict | None:
-    """A recorded run's configuration; settings added since it was recorded read as their defaults."""
-    return None if recorded is None else json.loads(json.dumps({**_config_dict(TrainConfig()), **recorded}))
 
 
 def train_bundle(
