@@ -309,9 +309,9 @@ def load_bundle(
         if centroids is None or centroids.dim() != 2 or centroids.shape[1] != dim or not len(centroids):
             raise BundleError(f"clusters.safetensors in bundle {path} must hold centroids of shape (k, {dim}), got "
                               f"{None if centroids is None else tuple(centroids.shape)}")
-        if adapter.clusters and len(centroids) != adapter.clusters:
+        if adapter.k and len(centroids) != adapter.k:
             raise BundleError(f"clusters.safetensors in bundle {path} holds {len(centroids)} centroids, but its adapter "
-                              f"was trained on {adapter.clusters} clusters (config.json adapter.clusters)")
+                              f"was trained on {adapter.k} clusters (config.json adapter.k)")
         clusters = Clusters(centroids.float())
     points = None
     if (path / "points.safetensors").exists():

@@ -69,7 +69,7 @@ def model_card(path: str | Path, repo_id: str | None = None) -> ModelCard:
         + (", prompts in the Alpaca template (`### Instruction:` ... `### Response:`)" if "prompt_template" in meta else ""),
         f"- settings: {settings or 'not recorded'}",
         f"- adapters: {adapter['regime']}, conditioning `{adapter.get('conditioning')}`"
-        + (f", {adapter['clusters']} training clusters" if adapter.get("clusters", 1) > 1 else ""),
+        + (f", {k} training clusters" if (k := adapter.get("k", adapter.get("clusters", 1))) > 1 else ""),
         "",
         "## Held-out loss",
         "",

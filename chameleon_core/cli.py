@@ -31,7 +31,7 @@ from .models import DEFAULT_MODEL, MODEL_HELP, load_model
 from .protocols import PROTOCOLS
 from .regimes import REGIMES, ROUTED, AdapterConfig, apply_regime, trainable_parameters
 from .report import format_report, write_readme
-from .reproduce import PROFILES, profile_settings, reproduce, results_markdown
+from .reproduce import PRESETS, preset_settings, reproduce, results_markdown
 from .train import SAMPLERS, TrainConfig, evaluate_bundle, train
 
 # What a command line trains with where an option is left out: TrainConfig's defaults, but the default model.
@@ -46,14 +46,14 @@ def params(args: argparse.Namespace) -> dict:
     regimes = {}
     for regime in REGIMES:
         model = copy.deepcopy(base)
-        report = apply_regime(model, AdapterConfig(regime=regime, rank=args.rank, clusters=args.clusters))
+        report = apply_regime(model, AdapterConfig(regime=regime, rank=args.rank, k=args.k))
         entry = {"trainable": trainable_parameters(model)}
         if regime != "base":
             entry["head"] = trainable_parameters(model.get_submodule(report.head_module))
             entry["layers"] = entry["trainable"] - entry["head"]
             entry["lora_rank"] = report.config.lora_rank
         if regime in ROUTED:
-            entry["clusters"] = report.config.clusters
+            entry["k"] = report.config.k
         regimes[regime] = entry
     result["regimes"] = regimes
     return result
@@ -97,10 +97,10 @@ def _add_training_settings(parser: argparse.ArgumentParser) -> None:
     _setting(parser, "device", f"{DEVICE_HELP} (default: {TRAIN_DEFAULTS['device']})")
 
 
-def _train_config(args: argparse.Namespace, profile: dict | None = None) -> TrainConfig:
-    """:data:`TRAIN_DEFAULTS`, overridden by ``profile``, overridden by the options given."""
+def _train_config(args: argparse.Namespace, preset: dict | None = None) -> TrainConfig:
+    """:data:`TRAIN_DEFAULTS`, overridden by ``preset``, overridden by the options given."""
     given = {name: value for name, value in vars(args).items() if name in TRAIN_DEFAULTS and value is not None}
-    return TrainConfig(**{**TRAIN_DEFAULTS, **(profile or {}), **given})
+    return TrainConfig(**{**TRAIN_DEFAULTS, **(preset or {}), **given})
 
 
 def _ints(text: str) -> list[int]:
@@ -127,7 +127,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    config = _train_config(args, profile_settings(args.profile, args.dataset) if args.profile else None)
+    config = _train_config(args, preset_settings(args.preset, args.dataset) if args.preset else None)
     only = set(args.only) if args.only else None
     results = reproduce(config, args.out, tuple(args.protocols), args.seeds, args.ablation_seeds, args.k_sweep,
                         collect_only=args.collect_only, only=only)
@@ -224,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the model's)")
     p.add_argument("--rank", type=int, default=TRAIN_DEFAULTS["rank"], help="LoRA rank (default: %(default)s)")
-    p.add_argument("--clusters", type=int, default=1,
-                   help="training clusters k for lora-per-cluster, which holds one head LoRA per cluster (default 1)")
+    p.add_argument("--k", "--clusters", dest="k", type=int, default=1,
+                   help="the training cluster count for lora-per-cluster, which holds one head LoRA per cluster "
+                   "(default 1; --clusters is the older name)")
     p.set_defaults(run=params)
 
     p = commands.add_parser("train", help="train one regime; the output folder is a loadable bundle")
@@ -254,9 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("reproduce", help="every regime and ablation under both protocols; writes the results table")
     _add_training_settings(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--profile", choices=tuple(PROFILES), default=None,
+    p.add_argument("--preset", "--profile", dest="preset", choices=tuple(PRESETS), default=None,
                    help="the settings to start from (options given win): tiny: random tiny GPT-2 + synthetic corpus "
-                        "(minutes on a CPU); paper: gpt2 + hub data + published hyper-parameters")
+                        "(minutes on a CPU); paper: gpt2 + hub data + published hyper-parameters (--profile is the older name)")
     p.add_argument("--protocols", type=_names, default="paper,causal")
     p.add_argument("--seeds", type=_ints, default="0", help="seeds of the headline rows, e.g. 0,1,2")
     p.add_argument("--ablation-seeds", dest="ablation_seeds", type=_ints, default="0")

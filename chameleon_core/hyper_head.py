@@ -33,11 +33,11 @@ HYPER_INITS = ("paper", "lora")
 
 
 class HyperNetwork(nn.Module):
-    """MLP ``cond -> (A, B)``; defaults are the published ``d -> 64 -> 32 -> r (d + V)``."""
+    """MLP ``vectors -> (A, B)``; defaults are the published ``d -> 64 -> 32 -> r (d + V)``."""
 
     def __init__(
         self,
-        cond_dim: int,
+        embedding_dim: int,
         in_features: int,
         out_features: int,
         r: int,
@@ -50,7 +50,7 @@ class HyperNetwork(nn.Module):
             raise ValueError(f"unknown hyper-network init {init!r}; choose from {HYPER_INITS}")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         layers: list[nn.Module] = []
-        width = cond_dim
+        width = embedding_dim
         for size in hidden:
             linear = nn.Linear(width, size)
             nn.init.xavier_uniform_(linear.weight)
@@ -69,9 +69,9 @@ class HyperNetwork(nn.Module):
                 out.bias.copy_(torch.cat([A.flatten(), torch.zeros(out_features * r)]))
         self.net = nn.Sequential(*layers, out)
 
-    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cond``: (G, cond_dim) -> A: (G, r, in), B: (G, out, r)."""
-        flat = self.net(cond)
+    def forward(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vectors``: (G, embedding_dim) -> A: (G, r, in), B: (G, out, r)."""
+        flat = self.net(vectors)
         split = self.r * self.in_features
         A = flat[:, :split].reshape(-1, self.r, self.in_features)
         B = flat[:, split:].reshape(-1, self.out_features, self.r)
@@ -89,7 +89,7 @@ class ConstantHyperNetwork(HyperNetwork):
 
     def __init__(
         self,
-        cond_dim: int,
+        embedding_dim: int,
         in_features: int,
         out_features: int,
         r: int,
@@ -97,13 +97,13 @@ class ConstantHyperNetwork(HyperNetwork):
         dropout: float = 0.5,
         init: str = "paper",
     ):
-        super().__init__(cond_dim, in_features, out_features, r, hidden, dropout, init)
-        self.input = nn.Parameter(F.normalize(torch.randn(cond_dim), dim=0))
+        super().__init__(embedding_dim, in_features, out_features, r, hidden, dropout, init)
+        self.input = nn.Parameter(F.normalize(torch.randn(embedding_dim), dim=0))
 
-    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cond``: (G, cond_dim), read only for G -> A: (G, r, in), B: (G, out, r), one adapter repeated."""
+    def forward(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vectors``: (G, embedding_dim), read only for G -> A: (G, r, in), B: (G, out, r), one adapter repeated."""
         A, B = super().forward(self.input[None])
-        return A.expand(len(cond), -1, -1), B.expand(len(cond), -1, -1)
+        return A.expand(len(vectors), -1, -1), B.expand(len(vectors), -1, -1)
 
 
 class ConditionedHead(nn.Module):
@@ -188,7 +188,7 @@ class HyperLoRAHead(ConditionedHead):
     def __init__(
         self,
         base: nn.Module,
-        cond_dim: int,
+        embedding_dim: int,
         r: int,
         alpha: float,
         hidden: tuple[int, ...] = (64, 32),
@@ -198,7 +198,7 @@ class HyperLoRAHead(ConditionedHead):
     ):
         super().__init__(base, r, alpha)
         network = ConstantHyperNetwork if constant else HyperNetwork
-        self.hyper = network(cond_dim, self.in_features, self.out_features, r, hidden, dropout, init)
+        self.hyper = network(embedding_dim, self.in_features, self.out_features, r, hidden, dropout, init)
         self.hyper.to(device=base.weight.device, dtype=base.weight.dtype)
 
     def adapters(
@@ -209,9 +209,9 @@ class HyperLoRAHead(ConditionedHead):
         centroids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One adapter generated per conditioning vector of :func:`condition_groups`."""
-        cond, groups = condition_groups(embeddings, conditioning, cluster_ids, centroids)
+        vectors, groups = condition_groups(embeddings, conditioning, cluster_ids, centroids)
         weight = self.base.weight  # embeddings are often kept on the CPU; the adapter lives beside the head
-        A, B = self.hyper(cond.to(weight))
+        A, B = self.hyper(vectors.to(weight))
         return A, B, groups
 
 
@@ -228,15 +228,15 @@ class ClusterLoRAHead(ConditionedHead):
         "`with conditioned(model, embeddings, \"centroid\", cluster_ids, centroids)` so each row gets its cluster's adapter"
     )
 
-    def __init__(self, base: nn.Module, clusters: int, r: int, alpha: float, init: str = "peft"):
+    def __init__(self, base: nn.Module, k: int, r: int, alpha: float, init: str = "peft"):
         super().__init__(base, r, alpha)
-        if clusters < 1:
-            raise ValueError(f"lora-per-cluster needs at least one cluster, got {clusters}")
+        if k < 1:
+            raise ValueError(f"lora-per-cluster needs at least one cluster, got {k}")
         if init not in LORA_INITS:
             raise ValueError(f"unknown LoRA init {init!r}; choose from {LORA_INITS}")
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(clusters, r, self.in_features, **like))  # (k, r, d)
-        self.lora_B = nn.Parameter(torch.zeros(clusters, self.out_features, r, **like))  # (k, V, r)
+        self.lora_A = nn.Parameter(torch.empty(k, r, self.in_features, **like))  # (k, r, d)
+        self.lora_B = nn.Parameter(torch.zeros(k, self.out_features, r, **like))  # (k, V, r)
         with torch.no_grad():
             for A, B in zip(self.lora_A, self.lora_B):  # each (r, d) on its own: fan-in d, as LoRALayer's
                 if init == "peft":
@@ -266,7 +266,7 @@ class ClusterLoRAHead(ConditionedHead):
         return self.lora_A[unique], self.lora_B[unique], groups
 
     def extra_repr(self) -> str:
-        return f"clusters={self.lora_A.shape[0]}, r={self.r}, alpha={self.alpha}"
+        return f"k={self.lora_A.shape[0]}, r={self.r}, alpha={self.alpha}"
 
 
 def condition_groups(

@@ -32,11 +32,11 @@ PAPER_IGNORE_ID = 0  # the published ignore_index (GPT-2's "!"), also applied to
 
 @dataclass
 class Encoded:
-    """One split under one protocol: variable-length rows, their labels and conditioning vectors."""
+    """One split under one protocol: variable-length rows, their labels and conditioning embeddings."""
 
     input_ids: list[torch.Tensor]
     labels: list[torch.Tensor]  # IGNORE where not scored
-    cond: torch.Tensor  # (N, d) normalised conditioning embeddings
+    embeddings: torch.Tensor  # (N, d) normalised conditioning embeddings, one per row
     texts: list[str]  # the conditioning text of each row, for display
     dropped: int  # rows with nothing left to score
     padding_share: float | None = None  # paper protocol: share of scored targets that are padding
@@ -142,12 +142,12 @@ class CausalProtocol(Protocol):
         kept = [records[i] for i in keep]
         if instruction_data:
             embed = self.embedding_settings(instruction_data, max_length, context_tokens)
-            cond = embed_texts(model, tokenizer, [r.condition for r in kept], **embed)
+            embeddings = embed_texts(model, tokenizer, [r.condition for r in kept], **embed)
         else:  # the first context_tokens are what a deployed model has seen before it must predict
             heads = torch.tensor([ids[:context_tokens] for ids in rows_ids], dtype=torch.long).reshape(-1, context_tokens)
-            cond = _embed_ids(model, heads)
+            embeddings = _embed_ids(model, heads)
         return Encoded(
-            [torch.tensor(x) for x in rows_ids], [torch.tensor(x) for x in rows_labels], cond,
+            [torch.tensor(x) for x in rows_ids], [torch.tensor(x) for x in rows_labels], embeddings,
             [r.condition for r in kept], len(records) - len(kept),
         )
 
@@ -180,10 +180,10 @@ class PaperProtocol(Protocol):
         share = float((last_is_pad & scored).sum() / scored.sum().clamp(min=1))
         if instruction_data:
             embed = self.embedding_settings(instruction_data, max_length, context_tokens)
-            cond = embed_texts(model, tokenizer, [r.condition for r in records], **embed)
+            embeddings = embed_texts(model, tokenizer, [r.condition for r in records], **embed)
         else:  # published WikiText: the whole (padded) row conditions, scored token included
-            cond = _embed_ids(model, ids)
-        return Encoded(list(ids), list(labels), cond, [r.condition for r in records], 0, share)
+            embeddings = _embed_ids(model, ids)
+        return Encoded(list(ids), list(labels), embeddings, [r.condition for r in records], 0, share)
 
     def collate(self, encoded: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         """As published: every position whose id is not 0 is attended, padding (eos) included."""

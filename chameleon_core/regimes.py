@@ -55,7 +55,7 @@ class AdapterConfig:
     hyper_dropout: float = 0.5
     conditioning: str = "batch"
     matched_rank: int = 0  # lora-matched only: the static rank chosen (0 until chosen)
-    clusters: int = 0  # training clusters (set once k-means has run); lora-per-cluster holds a head LoRA each
+    k: int = 0  # the training cluster count (set once k-means has run); lora-per-cluster holds a head LoRA each
     hyper_init: str = "paper"  # the hyper-network's output layer at the start: hyper_head.HYPER_INITS
 
     def __post_init__(self):
@@ -75,8 +75,8 @@ class AdapterConfig:
         if not (math.isfinite(self.alpha) and 0 < self.alpha <= MAX_SCALE * self.rank):
             raise ValueError(f"alpha must be a finite number > 0 with scale alpha / rank at most {MAX_SCALE:g} "
                              f"(at rank {self.rank}: 0 < alpha <= {MAX_SCALE * self.rank:g}), got {self.alpha}")
-        if self.matched_rank < 0 or self.clusters < 0:
-            raise ValueError(f"matched_rank and clusters must be >= 0, got {self.matched_rank} and {self.clusters}")
+        if self.matched_rank < 0 or self.k < 0:
+            raise ValueError(f"matched_rank and k must be >= 0, got {self.matched_rank} and {self.k}")
 
     @property
     def lora_rank(self) -> int:
@@ -97,6 +97,8 @@ class AdapterConfig:
         if not isinstance(data, dict):
             raise ValueError(f"the adapter config must be a JSON object, got {type(data).__name__}")
         allowed = {f.name: f.type for f in fields(cls)}
+        if "clusters" in data and "k" not in data:  # what bundles saved before the count was named k call it
+            data = {("k" if key == "clusters" else key): value for key, value in data.items()}
         if unknown := sorted(set(data) - set(allowed)):
             raise ValueError(f"unknown adapter config key {unknown[0]!r}; allowed keys: {', '.join(allowed)}")
         values = {}
@@ -137,8 +139,8 @@ def choose_matched_rank(model: nn.Module, config: AdapterConfig) -> int:
     targets = config.targets or default_targets(model)
     per_rank_layers = sum(sum(features(m)) for m in target_modules(model, targets).values())
     head_in, head_out = features(model.get_output_embeddings())
-    cond_dim = model.get_input_embeddings().embedding_dim
-    hyper = HyperNetwork(cond_dim, head_in, head_out, config.rank, config.hyper_hidden, config.hyper_dropout).to("meta")
+    embedding_dim = model.get_input_embeddings().embedding_dim
+    hyper = HyperNetwork(embedding_dim, head_in, head_out, config.rank, config.hyper_hidden, config.hyper_dropout).to("meta")
     chameleon = config.rank * per_rank_layers + sum(p.numel() for p in hyper.parameters())
     return max(1, round(chameleon / (per_rank_layers + head_in + head_out)))
 
@@ -147,7 +149,7 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
     """Freeze ``model`` and add the regime's adapters in place.
 
     For ``lora-matched`` the returned config carries the matched rank, so a bundle can rebuild it;
-    ``lora-per-cluster`` holds ``config.clusters`` head adapters (one while the clusters are unknown).
+    ``lora-per-cluster`` holds ``config.k`` head adapters (one while the clusters are unknown).
     """
     if any(isinstance(m, (LoRALayer, ConditionedHead)) for m in model.modules()):
         raise ValueError("the model already carries adapters; apply a regime to a fresh base model")
@@ -159,8 +161,8 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
         config = replace(config, targets=tuple(config.targets or default_targets(model)))
     if config.regime == "lora-matched" and not config.matched_rank:
         config = replace(config, matched_rank=choose_matched_rank(model, config))
-    if config.regime in ROUTED and not config.clusters:
-        config = replace(config, clusters=1)
+    if config.regime in ROUTED and not config.k:
+        config = replace(config, k=1)
     report = RegimeReport(config)
     r, alpha = config.lora_rank, config.lora_alpha
     if config.regime not in HEAD_ONLY:
@@ -174,7 +176,7 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
         )
         set_module(model, name, head)
     elif config.regime in ROUTED:
-        set_module(model, name, ClusterLoRAHead(model.get_submodule(name), config.clusters, r, alpha, config.init))
+        set_module(model, name, ClusterLoRAHead(model.get_submodule(name), config.k, r, alpha, config.init))
     else:
         inject_head_lora(model, r, alpha, config.init)
     report.head_module = name

@@ -72,16 +72,17 @@ DESCRIPTIONS = {
     SHUFFLED: "the trained chameleon evaluated with another cluster's centroid as condition (likewise for every "
               "conditioned row: `<row>, shuffled conditioning (eval only)`)",
 }
-# TrainConfig settings that ``--profile`` starts from (options given on the command line win).
-PROFILES = {
+# TrainConfig settings that ``--preset`` starts from (options given on the command line win). Not the notebooks'
+# profiles (:mod:`.profiles`), which size a notebook's figures.
+PRESETS = {
     "tiny": {"model": "random:tiny-gpt2", "dataset": "synthetic", "epochs": 2, "max_length": 128, "max_train_rows": 600},
     "paper": {"model": "gpt2", "dataset": "wikitext", "epochs": 10, "batch_size": 32, "lr": 5e-4, "rank": 4},
 }
 
 
-def profile_settings(name: str, dataset: str | None = None) -> dict:
-    """A profile's settings for ``dataset`` (default: the profile's): published Alpaca rows are 512 tokens long."""
-    settings = dict(PROFILES[name])
+def preset_settings(name: str, dataset: str | None = None) -> dict:
+    """A preset's settings for ``dataset`` (default: the preset's): published Alpaca rows are 512 tokens long."""
+    settings = dict(PRESETS[name])
     if name == "paper" and (dataset or settings["dataset"]) == "alpaca":
         settings["max_length"] = 512
     return settings

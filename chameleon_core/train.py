@@ -151,14 +151,14 @@ def batches(split: Split, config: TrainConfig, seed: int, epoch: int = 0, rank: 
     return list(sampler)
 
 
-def _conditioned(model, split: Split, idx: list[int], config: TrainConfig, clusters: Clusters, cond: torch.Tensor | None = None):
+def _conditioned(model, split: Split, idx: list[int], config: TrainConfig, clusters: Clusters, embeddings: torch.Tensor | None = None):
     """The conditioning context of one batch: the paper's batch mean, a centroid, or per example.
 
     ``lora-per-cluster`` always routes each row to its nearest training centroid's adapter: in
     training that is the row's own k-means cluster, so a cluster-homogeneous batch uses one adapter.
     """
     device = next(model.parameters()).device
-    emb = (split.encoded.cond[idx] if cond is None else cond).to(device)
+    emb = (split.encoded.embeddings[idx] if embeddings is None else embeddings).to(device)
     routed = config.regime in ROUTED or config.conditioning == "centroid"
     # "batch" reads the whole batch's mean: the batch is one cluster, or (random batches) the ablation's mix
     ids = clusters.assign(emb)[0] if routed else None
@@ -183,12 +183,12 @@ def evaluate(
     sums, counts = [], []
     row_loss, row_targets = np.zeros(len(split.encoded)), np.zeros(len(split.encoded), dtype=int)
     for idx in tqdm(batches(split, config, seed=0), desc=f"eval {split.name}", disable=not progress, leave=False):
-        cond = None
+        embeddings = None  # the rows' own
         if shuffle_condition:
-            own = int(clusters.assign(split.encoded.cond[idx].mean(0, keepdim=True))[0])
+            own = int(clusters.assign(split.encoded.embeddings[idx].mean(0, keepdim=True))[0])
             other = (own + 1 + int(rng.integers(clusters.k - 1))) % clusters.k if clusters.k > 1 else own
-            cond = clusters.centroids[other].expand(len(idx), -1)
-        with _conditioned(model, split, idx, config, clusters, cond):
+            embeddings = clusters.centroids[other].expand(len(idx), -1)
+        with _conditioned(model, split, idx, config, clusters, embeddings):
             row_sums, row_counts = _row_terms(model, split, idx, protocol, pad_id, device)
         row_loss[idx], row_targets[idx] = row_sums.cpu().double().numpy(), row_counts.cpu().numpy()
         if n := int(row_counts.sum()):
@@ -239,8 +239,8 @@ def held_out_split(name: str, records: list[Record], config: TrainConfig, model,
     encoded = _encode(_subsample(records, config.max_eval_rows, config.data_seed), config, model, tokenizer)
     if config.is_transductive:
         k = min(config.k, len(encoded)) if config.k else None  # config.k: the training k, which fit_clusters keeps
-        return Split(name, encoded, fit_clusters(encoded.cond, k, config.batch_size, config.seed)[1])
-    return Split(name, encoded, clusters.assign(encoded.cond)[0])
+        return Split(name, encoded, fit_clusters(encoded.embeddings, k, config.batch_size, config.seed)[1])
+    return Split(name, encoded, clusters.assign(encoded.embeddings)[0])
 
 
 def prepare(config: TrainConfig, model, tokenizer) -> tuple[Split, Split, Split, Clusters, dict]:
@@ -249,7 +249,7 @@ def prepare(config: TrainConfig, model, tokenizer) -> tuple[Split, Split, Split,
     encoded = _encode(_subsample(splits["train"], config.max_train_rows, config.data_seed), config, model, tokenizer)
     if len(encoded) < 1:
         raise ValueError(f"no training row of {config.dataset} is long enough to score under {config.protocol!r}")
-    clusters, train_labels = fit_clusters(encoded.cond, config.k, config.batch_size, config.seed)
+    clusters, train_labels = fit_clusters(encoded.embeddings, config.k, config.batch_size, config.seed)
     eval_name = eval_split_name(splits)
     held = {name: held_out_split(name, splits[name], config, model, tokenizer, clusters) for name in ("validation", eval_name)}
     every = {"train": Split("train", encoded, train_labels), **held}
@@ -360,7 +360,7 @@ def _setup(
         protocol, pad_id = get_protocol(config.protocol), tokenizer.pad_token_id
         for split in {id(split): split for split in (train_split, val_split, eval_split)}.values():  # eval may be val
             split.features = cached_features(model, split.encoded, protocol, pad_id, progress=show_progress)
-    adapter = apply_regime(model, replace(config.adapter, clusters=clusters.k)).config
+    adapter = apply_regime(model, replace(config.adapter, k=clusters.k)).config
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr) if params else None
     return _Run(config, out, accelerator, model, tokenizer, optimizer, train_split, val_split, eval_split, clusters, info, adapter)
@@ -450,7 +450,7 @@ def _finish(run: _Run, val: dict | None, report: Callable[[float, str], None], b
     result["wall_seconds"] = time.time() - began  # this process's share when the run was resumed
     if run.accelerator.is_main_process:
         sample = torch.randperm(len(train_split.encoded), generator=torch.Generator().manual_seed(0))[:POINTS_IN_BUNDLE]
-        points = Points(train_split.encoded.cond[sample], train_split.labels[sample], [train_split.encoded.texts[i][:300] for i in sample])
+        points = Points(train_split.encoded.embeddings[sample], train_split.labels[sample], [train_split.encoded.texts[i][:300] for i in sample])
         metadata = {"dataset": config.dataset, "protocol": config.protocol, "embedding": info["embedding"], "train": config_dict(config), "rows": info["rows"], "metrics": {k: result[k] for k in ("train_loss", "eval")}}
         if config.dataset == "alpaca":
             metadata["prompt_template"] = "### Instruction:\n{prompt}\n\n### Response:\n"

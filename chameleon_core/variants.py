@@ -74,9 +74,9 @@ class DenseHead(ConditionedHead):
         return logits
 
 
-def adapted(base: PreTrainedModel, regime: str, rank: int, clusters: int = 0) -> PreTrainedModel:
+def adapted(base: PreTrainedModel, regime: str, rank: int, k: int = 0) -> PreTrainedModel:
     model = copy.deepcopy(base)
-    apply_regime(model, AdapterConfig(regime, rank=rank, clusters=clusters))
+    apply_regime(model, AdapterConfig(regime, rank=rank, k=k))
     return model
 
 
@@ -164,7 +164,7 @@ def sweep_variants(base: PreTrainedModel, variants: dict[str, Variant],
     Every layer does the base model's work (LoRA merged, or none), so only the heads differ; the heads
     are those of ``chameleon-merged`` and ``naive``, and static heads holding an adapter per row of the batch.
     """
-    per_cluster = adapted(base, "lora-per-cluster", settings.rank, clusters=settings.batch)
+    per_cluster = adapted(base, "lora-per-cluster", settings.rank, k=settings.batch)
     randomize_adapters(per_cluster)
     merge_lora(per_cluster)
     peft = peft_heads(base, settings.batch, settings.rank)

@@ -226,7 +226,7 @@ def served(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- long subprocesses, run beside the rest
-# The notebooks (nbval) and `reproduce --profile tiny` run as subprocesses and take most of the suite's time,
+# The notebooks (nbval) and `reproduce --preset tiny` run as subprocesses and take most of the suite's time,
 # while the tests in this process use one CPU thread (above). So a test marked ``early_run(name, command,
 # minutes=...)`` (``command(folder) -> argv``; ``minutes``, roughly, so the longest start first) has its
 # subprocess started as soon as collection ends, at most EARLY_WORKERS at a time, and runs

@@ -69,7 +69,7 @@ def test_constant_input_learns(tiny, batch):
 def test_per_cluster_holds_k_peft_initialised_head_adapters(tiny):
     model, _ = tiny
     lora = adapted(copy.deepcopy(model), "lora")
-    per_cluster = adapted(model, "lora-per-cluster", clusters=5)
+    per_cluster = adapted(model, "lora-per-cluster", k=5)
     head = conditioned_head(per_cluster)
     d, V = model.config.hidden_size, model.config.vocab_size
     assert isinstance(head, ClusterLoRAHead) and hyper_head(per_cluster) is None
@@ -85,14 +85,14 @@ def test_per_cluster_holds_k_peft_initialised_head_adapters(tiny):
 def test_per_cluster_without_clusters_holds_one_adapter(tiny):
     model, _ = tiny
     report = apply_regime(model, AdapterConfig("lora-per-cluster"))
-    assert report.config.clusters == 1 and conditioned_head(model).lora_A.shape[0] == 1
+    assert report.config.k == 1 and conditioned_head(model).lora_A.shape[0] == 1
 
 
 def test_each_row_uses_its_clusters_static_lora(tiny, batch, logits, randomize_lora):
     """A mixed batch in one pass equals, row by row, a plain ``lora`` model holding that cluster's head adapter."""
     model, _ = tiny
     base = copy.deepcopy(model)
-    adapted(model, "lora-per-cluster", clusters=4)
+    adapted(model, "lora-per-cluster", k=4)
     randomize_lora(model)
     head = conditioned_head(model)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_each_row_uses_its_clusters_static_lora(tiny, batch, logits, randomize_l
 
 def test_per_cluster_routing_needs_valid_cluster_ids(tiny, batch, logits):
     model, _ = tiny
-    adapted(model, "lora-per-cluster", clusters=4)
+    adapted(model, "lora-per-cluster", k=4)
     embeddings = mean_embedding(model, batch["input_ids"], batch["attention_mask"])
     for conditioning in ("batch", "example", "centroid"):
         with pytest.raises(ValueError, match="condition it with the rows' cluster ids"), conditioned(model, embeddings, conditioning):
@@ -127,7 +127,7 @@ def test_per_cluster_routing_needs_valid_cluster_ids(tiny, batch, logits):
 
 def test_per_cluster_gradients_reach_only_the_batchs_clusters(tiny, batch):
     model, _ = tiny
-    adapted(model, "lora-per-cluster", clusters=5)
+    adapted(model, "lora-per-cluster", k=5)
     head = conditioned_head(model)
     with torch.no_grad():
         head.lora_B.normal_(std=0.1)  # with B = 0, A gets no gradient
@@ -142,7 +142,7 @@ def test_per_cluster_gradients_reach_only_the_batchs_clusters(tiny, batch):
 @pytest.mark.parametrize("regime", ["chameleon-constant", "lora-per-cluster"])
 def test_bundle_round_trip(tiny, batch, tmp_path, regime):
     model, tokenizer = tiny
-    config = apply_regime(model, AdapterConfig(regime, rank=4, clusters=4)).config
+    config = apply_regime(model, AdapterConfig(regime, rank=4, k=4)).config
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -155,7 +155,7 @@ def test_bundle_round_trip(tiny, batch, tmp_path, regime):
 
     save_bundle(tmp_path, model, tokenizer, config)
     loaded = load_bundle(tmp_path, load_model(model.name_or_path)[0])
-    assert loaded.adapter == config and loaded.adapter.clusters == 4
+    assert loaded.adapter == config and loaded.adapter.k == 4
     assert isinstance(conditioned_head(loaded.model), ConditionedHead)
     assert torch.equal(run(loaded.model), run(model))
 
@@ -166,7 +166,7 @@ def test_training_run_records_clusters_diversity_and_a_loadable_bundle(tmp_path,
     config = TrainConfig(**TINY, regime=regime, epochs=1, lr=3e-3)
     result = train(config, tmp_path / "run", show_progress=False)
     k = result["k"]
-    assert result["adapter"]["clusters"] == k > 1
+    assert result["adapter"]["k"] == k > 1
     diversity = result["adapter_diversity"]
     assert diversity["clusters"] == k
     if regime == "chameleon-constant":  # one adapter, whatever the cluster
@@ -174,7 +174,7 @@ def test_training_run_records_clusters_diversity_and_a_loadable_bundle(tmp_path,
     else:  # each cluster's adapter trained on its own rows only
         assert diversity["mean_cosine"] < 0.99 and diversity["relative_spread"] > 0.05
     bundle = load_bundle(tmp_path / "run")
-    assert bundle.adapter.clusters == k and trainable_parameters(bundle.model) == result["trainable_parameters"]
+    assert bundle.adapter.k == k and trainable_parameters(bundle.model) == result["trainable_parameters"]
     _, _, eval_split, _, _ = prepare(config, bundle.model, bundle.tokenizer)
     reloaded = evaluate(bundle.model, eval_split, config, bundle.clusters, bundle.tokenizer.pad_token_id)
     assert reloaded["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-5)

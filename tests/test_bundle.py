@@ -243,7 +243,7 @@ def test_unusable_metadata_is_named(saved, base, metadata, message):
 
 
 def test_clusters_that_contradict_the_adapter_are_refused(saved, base):
-    edit_config(saved.path, lambda config: config["adapter"].update(clusters=3))  # the bundle holds 2 centroids
+    edit_config(saved.path, lambda config: config["adapter"].update(k=3))  # the bundle holds 2 centroids
     with pytest.raises(BundleError, match="holds 2 centroids, but its adapter was trained on 3 clusters"):
         load_bundle(saved.path, base)
 

@@ -243,12 +243,12 @@ def test_one_set_of_defaults():
 @pytest.mark.parametrize(
     "argv, expected",
     [([], {"model": DEFAULT_MODEL, "epochs": 3}),
-     (["--profile", "tiny"], {"model": "random:tiny-gpt2", "max_train_rows": 600, "epochs": 2}),
-     (["--profile", "tiny", "--epochs", "1"], {"model": "random:tiny-gpt2", "epochs": 1}),
-     (["--profile", "paper"], {"model": "gpt2", "dataset": "wikitext", "max_length": 256, "epochs": 10}),
+     (["--preset", "tiny"], {"model": "random:tiny-gpt2", "max_train_rows": 600, "epochs": 2}),
+     (["--preset", "tiny", "--epochs", "1"], {"model": "random:tiny-gpt2", "epochs": 1}),
+     (["--preset", "paper"], {"model": "gpt2", "dataset": "wikitext", "max_length": 256, "epochs": 10}),
      (["--profile", "paper", "--dataset", "alpaca"], {"model": "gpt2", "dataset": "alpaca", "max_length": 512})],
 )
-def test_reproduce_starts_from_its_profile(tmp_path, monkeypatch, capsys, argv, expected):
+def test_reproduce_starts_from_its_preset(tmp_path, monkeypatch, capsys, argv, expected):
     calls = []
     monkeypatch.setattr("chameleon_core.cli.reproduce", lambda config, out, *args, **kwargs: calls.append(config))
     monkeypatch.setattr("chameleon_core.cli.results_markdown", lambda results: "")

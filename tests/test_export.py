@@ -31,7 +31,7 @@ def bundle_of(tiny, batch, tmp_path, regime: str):
     three clusters of its batch; returns (path, adapted model, clusters, the untouched base)."""
     model, tokenizer = tiny
     base = copy.deepcopy(model)
-    config = apply_regime(model, AdapterConfig(regime, rank=4, alpha=8.0, conditioning="centroid", clusters=3)).config
+    config = apply_regime(model, AdapterConfig(regime, rank=4, alpha=8.0, conditioning="centroid", k=3)).config
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

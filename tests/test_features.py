@@ -30,7 +30,7 @@ def test_cached_states_give_the_whole_models_losses_and_gradients(regime, protoc
     config = TrainConfig(**TINY, regime=regime, protocol=protocol)
     train_split, *_, clusters, _ = prepare(config, model, tok)
     features = compute_features(model, train_split.encoded, get_protocol(protocol), tok.pad_token_id)
-    apply_regime(model, AdapterConfig(regime, rank=4, clusters=clusters.k))
+    apply_regime(model, AdapterConfig(regime, rank=4, k=clusters.k))
     with torch.no_grad():  # adapters that change the logits, so a wrong path cannot pass
         for layer in lora_layers(model).values():
             layer.lora_B.normal_(std=0.5)

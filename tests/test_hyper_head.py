@@ -255,14 +255,14 @@ def test_adapter_diversity_equals_the_dense_computation(kind):
     base = torch.nn.Linear(12, 30)
     centroids = F.normalize(torch.randn(5, 6), dim=-1)
     if kind == "hyper":
-        head = HyperLoRAHead(base, cond_dim=6, r=3, alpha=6.0, hidden=(8,), dropout=0.5)
+        head = HyperLoRAHead(base, embedding_dim=6, r=3, alpha=6.0, hidden=(8,), dropout=0.5)
         with torch.no_grad():
             head.hyper.net[-1].weight.normal_(std=0.3)
         head.eval()
         A, B = head.hyper(centroids)  # cluster c conditioned on its centroid
         head.train()  # the diagnostic must switch dropout off itself
     else:
-        head = ClusterLoRAHead(base, clusters=5, r=3, alpha=3.0)
+        head = ClusterLoRAHead(base, k=5, r=3, alpha=3.0)
         with torch.no_grad():
             head.lora_B.normal_()
         A, B = head.lora_A, head.lora_B

@@ -58,7 +58,7 @@ def test_causal_wikitext_conditions_on_the_first_tokens_only_and_drops_short_row
     records = [Record("", head + "Bake the dough.", ""), Record("", head + "Score a late goal in the match.", ""), Record("", "Too short.", "")]
     enc = encode(records, model, tok, "causal", context_tokens=8)
     assert enc.dropped == 1 and len(enc) == 2
-    assert torch.allclose(enc.cond[0], enc.cond[1])  # same first 8 tokens, different scored tails
+    assert torch.allclose(enc.embeddings[0], enc.embeddings[1])  # same first 8 tokens, different scored tails
     assert all((labels[:8] == IGNORE).all() and (labels[8:] != IGNORE).all() for labels in enc.labels)
 
 
@@ -67,7 +67,7 @@ def test_paper_wikitext_condition_leaks_the_scored_tokens():
     head = "The galaxy is distant and the telescope is faint tonight. "
     records = [Record("", head + "Bake the dough.", ""), Record("", head + "Score a late goal in the match.", "")]
     enc = encode(records, model, tok, "paper", max_length=64)
-    assert not torch.allclose(enc.cond[0], enc.cond[1])  # the tail (what is scored) changes the condition
+    assert not torch.allclose(enc.embeddings[0], enc.embeddings[1])  # the tail (what is scored) changes the condition
 
 
 def test_causal_alpaca_scores_the_response_and_conditions_on_the_instruction():
@@ -75,7 +75,7 @@ def test_causal_alpaca_scores_the_response_and_conditions_on_the_instruction():
     records = [alpaca_record("Explain how to bake the dough.", "", "Knead it, then bake it golden."),
                alpaca_record("Explain how to bake the dough.", "", "Something else entirely.")]
     enc = encode(records, model, tok, "causal")
-    assert torch.allclose(enc.cond[0], enc.cond[1])  # the answer never reaches the condition
+    assert torch.allclose(enc.embeddings[0], enc.embeddings[1])  # the answer never reaches the condition
     prompt_len = len(tok(records[0].prompt)["input_ids"])
     labels = enc.labels[0]
     assert (labels[:prompt_len] == IGNORE).all() and (labels[prompt_len:] != IGNORE).all()

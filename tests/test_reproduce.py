@@ -1,4 +1,4 @@
-"""`reproduce --profile tiny` end to end, and the README tables staying in sync with committed results."""
+"""`reproduce --preset tiny` end to end, and the README tables staying in sync with committed results."""
 
 import json
 from dataclasses import replace
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny grid runs in a subprocess started when collection ends (conftest's early runs), beside the other tests.
 tiny_grid = pytest.mark.early_run(
-    "reproduce-tiny", lambda out: [sys.executable, "-m", "chameleon_core", "reproduce", "--profile", "tiny", "--out", str(out)],
+    "reproduce-tiny", lambda out: [sys.executable, "-m", "chameleon_core", "reproduce", "--preset", "tiny", "--out", str(out)],
     minutes=4.5)
 
 

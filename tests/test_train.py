@@ -103,7 +103,7 @@ def test_the_shuffled_condition_is_always_another_clusters_centroid(monkeypatch)
     real = train_module._conditioned
 
     def spy(model, split, idx, config, clusters, cond=None):
-        own = int(clusters.assign(split.encoded.cond[idx].mean(0, keepdim=True))[0])
+        own = int(clusters.assign(split.encoded.embeddings[idx].mean(0, keepdim=True))[0])
         used.append((own, int(clusters.assign(cond[:1])[0])))
         return real(model, split, idx, config, clusters, cond)
 
