@@ -178,3 +178,10 @@ def test_training_run_records_clusters_diversity_and_a_loadable_bundle(tmp_path,
     _, _, eval_split, _, _ = prepare(config, bundle.model, bundle.tokenizer)
     reloaded = evaluate(bundle.model, eval_split, config, bundle.clusters, bundle.tokenizer.pad_token_id)
     assert reloaded["loss"] == pytest.approx(result["eval"]["loss"], rel=1e-5)
+
+
+def test_a_config_saved_with_the_older_name_of_k_reads_as_k():
+    saved = AdapterConfig("lora-per-cluster", rank=4, k=7).to_dict()
+    older = {("clusters" if key == "k" else key): value for key, value in saved.items()}
+    assert "k" not in older and AdapterConfig.from_dict(older) == AdapterConfig.from_dict(saved)
+    assert AdapterConfig.from_dict(older).k == 7
