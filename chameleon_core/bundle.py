@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .clustering import Clusters
+from .embeddings import CONDITION_SOURCES
 from .hyper_head import conditioned_head
 from .lora import lora_layers, output_head_name
 from .models import SMOLLM2, SMOLLM2_HUB, SMOLLM2_INSTALL, load_model, load_tokenizer, model_fingerprint
@@ -46,7 +47,7 @@ REQUIRED_KEYS = ("base_model", "base_fingerprint", "adapter")
 TRAINED_SETTINGS = ("regime", "rank", "alpha", "init", "targets", "hyper_hidden", "hyper_dropout", "hyper_init",
                     "conditioning")
 # metadata.embedding: how the conditioning embedding was made (embeddings.embed_texts' settings).
-EMBEDDING_SETTINGS = {"max_length": int, "mask_padding": bool, "pad_to_max_length": bool}
+EMBEDDING_SETTINGS = {"max_length": int, "mask_padding": bool, "pad_to_max_length": bool, "source": str}
 
 
 class BundleError(ValueError):
@@ -335,9 +336,10 @@ def _check_metadata(path: Path, metadata: object, adapter: AdapterConfig) -> Non
     embedding = metadata.get("embedding", {})
     if not isinstance(embedding, dict) or any(
         key not in EMBEDDING_SETTINGS or type(value) is not EMBEDDING_SETTINGS[key] for key, value in embedding.items()
-    ) or embedding.get("max_length", 1) < 1:
+    ) or embedding.get("max_length", 1) < 1 or embedding.get("source", "embeddings") not in CONDITION_SOURCES:
         allowed = ", ".join(f"{key} ({kind.__name__})" for key, kind in EMBEDDING_SETTINGS.items())
-        raise BundleError(f"{where}: metadata.embedding must be an object of {allowed}, max_length >= 1; got {embedding!r}")
+        raise BundleError(f"{where}: metadata.embedding must be an object of {allowed}, max_length >= 1, source one of "
+                          f"{', '.join(CONDITION_SOURCES)}; got {embedding!r}")
     template = metadata.get("prompt_template", "{prompt}")
     try:
         usable = isinstance(template, str) and "{prompt}" in template and template.format(prompt="") is not None

@@ -25,6 +25,7 @@ from .inference import (
     validate_prompts,
 )
 from .data import DATASETS
+from .embeddings import CONDITION_SOURCES
 from .hyper_head import CONDITIONING, HYPER_INITS
 from .lora import LORA_INITS
 from .models import DEFAULT_MODEL, MODEL_HELP, load_model
@@ -83,6 +84,9 @@ def _add_training_settings(parser: argparse.ArgumentParser) -> None:
     _setting(parser, "hyper_dropout", "dropout inside the hyper-network (default: 0.5)", type=float)
     _setting(parser, "hyper_init", "the hyper-network's output layer at the start: paper (N(0, 1e-3), an update near "
              "zero) or lora (zero weights, bias a PEFT-initialised LoRA; default: paper)", choices=HYPER_INITS)
+    _setting(parser, "condition_source", "what a condition's vector is the mean of: embeddings (its input-token "
+             "embeddings, as published) or hidden (the frozen model's final hidden states over its tokens; default: "
+             "embeddings)", choices=CONDITION_SOURCES)
     _setting(parser, "max_length", type=int)
     _setting(parser, "context_tokens", type=int)
     _setting(parser, "k", "number of clusters (default: rows // batch size)", type=int)

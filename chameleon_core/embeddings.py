@@ -1,8 +1,11 @@
 """The input representation used for clustering and for conditioning the hyper-network.
 
-An input is embedded as the L2-normalised mean of its input-token embeddings. Padding is
-masked out: an embedding must not depend on how long the other rows of its batch were.
-(The published code averaged over padding too; ``mask_padding=False, pad_to=...`` reproduces it.)
+An input is embedded as the L2-normalised mean of its input-token embeddings (the published
+``source``, ``"embeddings"``), or of the frozen model's final hidden states over its tokens
+(``"hidden"``: what the model itself has read of the text, as Hyperdecoders condition on an
+encoder's states). Padding is masked out: an embedding must not depend on how long the other rows
+of its batch were. (The published code averaged over padding too; ``mask_padding=False,
+pad_to_max_length=True`` reproduces it.)
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .lora import lora_disabled
 from .models import model_fingerprint
+
+CONDITION_SOURCES = ("embeddings", "hidden")  # what a condition's vector is the mean of
+HIDDEN_BATCH = 32  # rows run through the transformer at a time for the hidden source
 
 
 def mean_embedding(
@@ -39,6 +46,37 @@ def mean_embedding(
     return F.normalize(summed / weights.sum(1, keepdim=True).clamp(min=1.0), dim=-1)
 
 
+@torch.no_grad()
+def mean_hidden_state(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(N, T) token ids -> (N, d) unit vectors: the mean of the transformer's final hidden states (its
+    ``base_model``, final norm included) over the positions ``weights`` counts (default: the attended ones).
+
+    The layers' LoRA is switched off, so the condition is the frozen model's reading of the text,
+    the same before, during and after training, and at inference.
+    """
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    with lora_disabled(model):
+        states = model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()  # (N, T, d)
+    counted = (mask if weights is None else weights).float().unsqueeze(-1)
+    return F.normalize((states * counted).sum(1) / counted.sum(1).clamp(min=1.0), dim=-1)
+
+
+def embed_ids(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    mask_padding: bool = True, source: str = "embeddings",
+) -> torch.Tensor:
+    """(N, T) token ids -> (N, d) condition vectors from ``source`` (:data:`CONDITION_SOURCES`); with
+    ``mask_padding=False`` every position counts in the mean (the model still attends as ``attention_mask`` says)."""
+    if source == "embeddings":
+        return mean_embedding(model, input_ids, attention_mask if mask_padding else None)
+    if source == "hidden":
+        return mean_hidden_state(model, input_ids, attention_mask, None if mask_padding else torch.ones_like(input_ids))
+    raise ValueError(f"unknown condition source {source!r}; choose from {CONDITION_SOURCES}")
+
+
 def _sums_in_place(embedding: nn.Module) -> bool:
     """Whether ``embedding_bag`` computes what the module would: a plain float32 table (MPS lacks the op)."""
     weight = getattr(embedding, "weight", None)
@@ -56,16 +94,23 @@ def embed_texts(
     max_length: int = 256,
     mask_padding: bool = True,
     pad_to_max_length: bool = False,
-    batch_size: int = 512,
+    source: str = "embeddings",
+    batch_size: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Embeddings of many texts, tokenized and embedded a batch at a time, cached on disk.
+    """Embeddings of many texts, tokenized and embedded a batch at a time (default: 512 rows, or
+    :data:`HIDDEN_BATCH` when the transformer runs), cached on disk.
 
     The cache key covers the model weights' fingerprint, the tokenizer, every text and every
     setting, so a stale cache cannot be read back by mistake.
     """
+    if source not in CONDITION_SOURCES:
+        raise ValueError(f"unknown condition source {source!r}; choose from {CONDITION_SOURCES}")
+    batch_size = batch_size or (512 if source == "embeddings" else HIDDEN_BATCH)
     settings = dict(max_length=max_length, mask_padding=mask_padding, pad_to_max_length=pad_to_max_length)
+    if source != "embeddings":  # the published source keeps its old keys, so its caches stay valid
+        settings["source"] = source
     path = None
     if cache_dir is not None:
         key = hashlib.blake2b(digest_size=16)
@@ -85,8 +130,7 @@ def embed_texts(
             padding="max_length" if pad_to_max_length else True,
             return_tensors="pt",
         ).to(device)
-        mask = batch["attention_mask"] if mask_padding else None
-        chunks.append(mean_embedding(model, batch["input_ids"], mask).cpu())
+        chunks.append(embed_ids(model, batch["input_ids"], batch["attention_mask"], mask_padding, source).cpu())
     dim = model.get_input_embeddings().embedding_dim
     embeddings = torch.cat(chunks) if chunks else torch.empty(0, dim)
     if path is not None:

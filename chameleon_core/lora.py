@@ -10,6 +10,8 @@ transposes the update.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -64,6 +66,7 @@ class LoRALayer(nn.Module):
             nn.init.normal_(self.lora_A, std=0.01)
             nn.init.normal_(self.lora_B, std=0.01)
         self.tied, self.merged = tied, False
+        self.disabled = False  # set by lora_disabled: the base layer's output alone
         # What unmerge restores: the original values (a buffer, so it follows .to() but stays out of
         # checkpoints), or for a tied weight the shared parameter itself, which its other holder keeps.
         self.register_buffer("_unmerged_weight", None, persistent=False)
@@ -76,7 +79,7 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + self.scale * ((x @ self.lora_A.T) @ self.lora_B.T)
 
@@ -198,3 +201,22 @@ def merge_lora(model: nn.Module) -> None:
 def unmerge_lora(model: nn.Module) -> None:
     for layer in lora_layers(model).values():
         layer.unmerge()
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """The model as its base weights compute, its layers' LoRA switched off (merged ones unmerged) for the
+    block, then restored as it was."""
+    layers = list(lora_layers(model).values())
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge()

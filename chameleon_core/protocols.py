@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import Record
-from .embeddings import embed_texts, mean_embedding
+from .embeddings import HIDDEN_BATCH, embed_ids, embed_texts
 
 IGNORE = -100
 PAPER_IGNORE_ID = 0  # the published ignore_index (GPT-2's "!"), also applied to its attention mask
@@ -45,12 +45,20 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _embed_ids(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
-    """(N, T) token ids, every position counted -> (N, d) mean embeddings, 512 rows at a time."""
+def _embed_ids(model: PreTrainedModel, ids: torch.Tensor, source: str = "embeddings") -> torch.Tensor:
+    """(N, T) token ids, every position attended and counted -> (N, d) condition vectors from ``source``,
+    a chunk of rows at a time."""
     embedding = model.get_input_embeddings()
     if not len(ids):
         return torch.empty(0, embedding.embedding_dim)
-    return torch.cat([mean_embedding(model, chunk.to(embedding.weight.device)).cpu() for chunk in ids.split(512)])
+    chunk = 512 if source == "embeddings" else HIDDEN_BATCH
+    return torch.cat([embed_ids(model, rows.to(embedding.weight.device), source=source).cpu() for rows in ids.split(chunk)])
+
+
+def _source(source: str) -> dict:
+    """The condition source among the embedding settings: named only when not the published one, so
+    settings recorded before the source existed read the same."""
+    return {} if source == "embeddings" else {"source": source}
 
 
 class Protocol:
@@ -65,13 +73,16 @@ class Protocol:
     logits_to_keep = 0  # the last positions whose logits the loss reads (0: all)
     loss_depends_on_batches = False  # split_loss depends on how rows are batched (evaluating then needs the trained clusters)
 
-    def embedding_settings(self, instruction_data: bool, max_length: int, context_tokens: int) -> dict:
+    def embedding_settings(
+        self, instruction_data: bool, max_length: int, context_tokens: int, source: str = "embeddings"
+    ) -> dict:
         """``embed_texts`` keyword arguments that embed a new prompt exactly as training conditioned."""
-        return {"max_length": max_length if instruction_data else context_tokens, "mask_padding": True}
+        return {"max_length": max_length if instruction_data else context_tokens, "mask_padding": True,
+                **_source(source)}
 
     def encode(
         self, records: list[Record], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-        max_length: int = 256, context_tokens: int = 32,
+        max_length: int = 256, context_tokens: int = 32, source: str = "embeddings",
     ) -> Encoded:
         raise NotImplementedError
 
@@ -123,7 +134,7 @@ class CausalProtocol(Protocol):
     @torch.no_grad()
     def encode(
         self, records: list[Record], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-        max_length: int = 256, context_tokens: int = 32,
+        max_length: int = 256, context_tokens: int = 32, source: str = "embeddings",
     ) -> Encoded:
         instruction_data = any(r.prompt for r in records)
         rows_ids, rows_labels, keep = [], [], []
@@ -141,11 +152,11 @@ class CausalProtocol(Protocol):
                     rows_ids.append(ids), rows_labels.append([IGNORE] * context_tokens + ids[context_tokens:]), keep.append(i)
         kept = [records[i] for i in keep]
         if instruction_data:
-            embed = self.embedding_settings(instruction_data, max_length, context_tokens)
+            embed = self.embedding_settings(instruction_data, max_length, context_tokens, source)
             embeddings = embed_texts(model, tokenizer, [r.condition for r in kept], **embed)
         else:  # the first context_tokens are what a deployed model has seen before it must predict
             heads = torch.tensor([ids[:context_tokens] for ids in rows_ids], dtype=torch.long).reshape(-1, context_tokens)
-            embeddings = _embed_ids(model, heads)
+            embeddings = _embed_ids(model, heads, source)
         return Encoded(
             [torch.tensor(x) for x in rows_ids], [torch.tensor(x) for x in rows_labels], embeddings,
             [r.condition for r in kept], len(records) - len(kept),
@@ -160,13 +171,15 @@ class PaperProtocol(Protocol):
     logits_to_keep = 1  # only the last position is scored
     loss_depends_on_batches = True
 
-    def embedding_settings(self, instruction_data: bool, max_length: int, context_tokens: int) -> dict:
-        return {"max_length": max_length, "mask_padding": False, "pad_to_max_length": True}
+    def embedding_settings(
+        self, instruction_data: bool, max_length: int, context_tokens: int, source: str = "embeddings"
+    ) -> dict:
+        return {"max_length": max_length, "mask_padding": False, "pad_to_max_length": True, **_source(source)}
 
     @torch.no_grad()
     def encode(
         self, records: list[Record], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-        max_length: int = 256, context_tokens: int = 32,
+        max_length: int = 256, context_tokens: int = 32, source: str = "embeddings",
     ) -> Encoded:
         instruction_data = any(r.prompt for r in records)
         batch = tokenizer([r.text for r in records], max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
@@ -179,10 +192,10 @@ class PaperProtocol(Protocol):
         scored = (labels[:, -1] != PAPER_IGNORE_ID) & (labels[:, -1] != IGNORE)
         share = float((last_is_pad & scored).sum() / scored.sum().clamp(min=1))
         if instruction_data:
-            embed = self.embedding_settings(instruction_data, max_length, context_tokens)
+            embed = self.embedding_settings(instruction_data, max_length, context_tokens, source)
             embeddings = embed_texts(model, tokenizer, [r.condition for r in records], **embed)
         else:  # published WikiText: the whole (padded) row conditions, scored token included
-            embeddings = _embed_ids(model, ids)
+            embeddings = _embed_ids(model, ids, source)
         return Encoded(list(ids), list(labels), embeddings, [r.condition for r in records], 0, share)
 
     def collate(self, encoded: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .bundle import Points, load_bundle, read_bundle_config, save_bundle
 from .clustering import ClusterBatchSampler, Clusters, RandomBatchSampler, fit_clusters
 from .data import INSTRUCTION_DATASETS, Record, load_dataset_splits
+from .embeddings import CONDITION_SOURCES
 from .features import Features, cached_features
 from .features import row_terms as feature_row_terms
 from .hyper_head import adapter_diversity, conditioned, conditioned_head
@@ -72,6 +73,7 @@ class TrainConfig:
     hyper_hidden: tuple[int, ...] = (64, 32)
     hyper_dropout: float = 0.5
     hyper_init: str = "paper"  # the hyper-network's output layer at the start: hyper_head.HYPER_INITS
+    condition_source: str = "embeddings"  # what a condition's vector averages: embeddings.CONDITION_SOURCES
     k: int | None = None  # number of clusters; default N // batch_size (the paper)
     transductive: bool | None = None  # cluster the eval split itself; default: the protocol's (paper: yes)
     max_train_rows: int | None = None
@@ -84,6 +86,9 @@ class TrainConfig:
         get_protocol(self.protocol)  # a ValueError naming the choices
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose from {SAMPLERS}")
+        if self.condition_source not in CONDITION_SOURCES:
+            raise ValueError(f"unknown condition source {self.condition_source!r} (--condition-source); choose from "
+                             f"{', '.join(CONDITION_SOURCES)}")
         object.__setattr__(self, "targets", tuple(self.targets))  # lists from JSON or a command line
         object.__setattr__(self, "hyper_hidden", tuple(self.hyper_hidden))
         limits = (  # (field, whether its value is usable, what is allowed)
@@ -229,7 +234,8 @@ def eval_split_name(splits: dict[str, list[Record]]) -> str:
 
 
 def _encode(records: list[Record], config: TrainConfig, model, tokenizer) -> Encoded:
-    return get_protocol(config.protocol).encode(records, model, tokenizer, config.max_length, config.context_tokens)
+    return get_protocol(config.protocol).encode(records, model, tokenizer, config.max_length, config.context_tokens,
+                                                config.condition_source)
 
 
 def held_out_split(name: str, records: list[Record], config: TrainConfig, model, tokenizer, clusters: Clusters) -> Split:
@@ -261,7 +267,7 @@ def prepare(config: TrainConfig, model, tokenizer) -> tuple[Split, Split, Split,
         "padding_share": {name: split.encoded.padding_share for name, split in every.items()
                           if split.encoded.padding_share is not None},
         "embedding": get_protocol(config.protocol).embedding_settings(
-            config.dataset in INSTRUCTION_DATASETS, config.max_length, config.context_tokens
+            config.dataset in INSTRUCTION_DATASETS, config.max_length, config.context_tokens, config.condition_source
         ),
     }
     return every["train"], held["validation"], held[eval_name], clusters, info

@@ -231,10 +231,11 @@ def test_an_edited_alpha_is_refused_even_with_rewritten_checksums(saved, base, a
     [
         ([1, 2], "metadata must be a JSON object"),
         ({"embedding": {"max_length": "32"}}, "metadata.embedding must be an object of max_length \\(int\\)"),
-        ({"embedding": {"max_length": 0}}, "metadata.embedding must be .*, max_length >= 1; got"),
+        ({"embedding": {"max_length": 0}}, "metadata.embedding must be .*, max_length >= 1, source one of embeddings, hidden; got"),
+        ({"embedding": {"source": "logits"}}, "metadata.embedding must be .*, source one of embeddings, hidden; got"),
         ({"prompt_template": "### {instruction}"}, "metadata.prompt_template must be text holding {prompt}"),
     ],
-    ids=["not-an-object", "embedding-type", "embedding-range", "template"],
+    ids=["not-an-object", "embedding-type", "embedding-range", "embedding-source", "template"],
 )
 def test_unusable_metadata_is_named(saved, base, metadata, message):
     edit_config(saved.path, lambda config: config.update(metadata=metadata))

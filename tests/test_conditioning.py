@@ -53,6 +53,28 @@ def test_a_training_run_builds_the_adapter_its_config_names(tmp_path):
     assert result["adapter"]["k"] == result["k"] > 1
 
 
+def test_a_run_conditioned_on_hidden_states_embeds_prompts_at_inference_as_it_trained(tmp_path):
+    """``condition_source="hidden"``: the run records it, the bundle's embedding settings carry it, and a
+    prompt embedded through the trained bundle (layer LoRA and all) gets the frozen model's vector."""
+    from chameleon_core.bundle import load_bundle
+    from chameleon_core.embeddings import embed_texts
+    from chameleon_core.inference import embed_prompts
+
+    config = TrainConfig(model="random:tiny-gpt2", dataset="synthetic", regime="chameleon", epochs=1, max_length=48,
+                         max_train_rows=48, max_eval_rows=16, batch_size=16, hyper_hidden=(16,),
+                         condition_source="hidden")
+    result = train(config, tmp_path / "run", show_progress=False)
+    assert result["config"]["condition_source"] == "hidden" and result["embedding"]["source"] == "hidden"
+    bundle = load_bundle(tmp_path / "run")
+    assert bundle.metadata["embedding"]["source"] == "hidden"
+    base, tokenizer = load_model("random:tiny-gpt2")
+    frozen = embed_texts(base, tokenizer, PROMPTS, **bundle.metadata["embedding"])
+    torch.testing.assert_close(embed_prompts(bundle, PROMPTS), frozen, rtol=0, atol=1e-5)
+    assert not torch.allclose(frozen, embed_texts(base, tokenizer, PROMPTS), atol=1e-2)  # not the input embeddings
+    with pytest.raises(ValueError, match="unknown condition source 'logits' \\(--condition-source\\); choose from"):
+        TrainConfig(condition_source="logits")
+
+
 @pytest.fixture
 def chameleon():
     """A tiny GPT-2 with a ChameleonLLM head whose generated adapter clearly depends on its input."""

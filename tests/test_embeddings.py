@@ -1,9 +1,13 @@
 """The normalised mean token embedding: padding-invariant, unit-norm, batched like the model, cached."""
 
+import copy
+
+import pytest
 import torch
 
-from chameleon_core import embed_texts, mean_embedding
+from chameleon_core import embed_texts, inject_lora, mean_embedding
 from chameleon_core import embeddings as embeddings_module
+from chameleon_core.lora import default_targets, lora_layers, merge_lora
 
 
 def test_masked_mean_is_the_mean_of_the_real_tokens(tiny, batch):
@@ -73,3 +77,39 @@ def test_cache_returns_the_same_tensor_without_recomputing(tiny_gpt2, texts, tmp
 def test_an_all_padding_row_does_not_divide_by_zero(tiny_gpt2):
     ids = torch.zeros(2, 3, dtype=torch.long)
     assert torch.isfinite(mean_embedding(tiny_gpt2[0], ids, torch.zeros_like(ids))).all()
+
+
+def test_the_hidden_source_is_the_mean_of_a_rows_final_hidden_states(tiny, batch, texts):
+    """``source="hidden"``: each row's vector is the normalised mean of the transformer's final hidden states
+    (final norm included) over its real tokens, the same alone as beside longer rows."""
+    model, tokenizer = tiny
+    found = embed_texts(model, tokenizer, texts, source="hidden")
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states[-1]  # (N, T, d), what the head reads
+    for row, mask in enumerate(batch["attention_mask"]):
+        expected = torch.nn.functional.normalize(states[row, mask.bool()].mean(0), dim=0)
+        torch.testing.assert_close(found[row], expected, rtol=0, atol=1e-5)
+    assert ((found - embed_texts(model, tokenizer, texts)).norm(dim=-1) > 1e-2).all()  # not the input embeddings
+    torch.testing.assert_close(embed_texts(model, tokenizer, texts[:1], source="hidden")[0], found[0], rtol=0, atol=1e-5)
+
+
+def test_the_hidden_source_reads_the_frozen_model_whatever_lora_the_layers_carry(tiny, texts, randomize_lora):
+    """Training embeds its rows before any adapter exists; a trained bundle with layer LoRA (merged or
+    not) must embed a prompt the same way, so the adapters are switched off while it is read."""
+    model, tokenizer = tiny
+    frozen = embed_texts(model, tokenizer, texts, source="hidden")
+    adapted = copy.deepcopy(model)
+    inject_lora(adapted, default_targets(adapted), r=4, alpha=8.0)
+    randomize_lora(adapted, 0.5)
+    with torch.no_grad():
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        assert not torch.allclose(adapted.base_model(**batch).last_hidden_state, model.base_model(**batch).last_hidden_state)
+    torch.testing.assert_close(embed_texts(adapted, tokenizer, texts, source="hidden"), frozen, rtol=0, atol=1e-5)
+    merge_lora(adapted)
+    torch.testing.assert_close(embed_texts(adapted, tokenizer, texts, source="hidden"), frozen, rtol=0, atol=1e-5)
+    assert all(layer.merged and not layer.disabled for layer in lora_layers(adapted).values())  # restored as it was
+
+
+def test_an_unknown_source_is_refused(tiny, texts):
+    with pytest.raises(ValueError, match="unknown condition source 'logits'; choose from"):
+        embed_texts(*tiny, texts, source="logits")
