@@ -227,8 +227,24 @@ def _hidden_condition(sets: list[tuple[Path, dict]]) -> list[str]:
                                ("chameleon", "lora, instruction visible (ceiling)")):
             if found := _paired(block, row, reference):
                 lines.append(f"- {found['question']}: {judged(block, row, reference)}")
-        lines.append("")
+        lines += ["", _uses_hidden(block), ""]
     return lines
+
+
+def _uses_hidden(block: dict) -> str:
+    """The hidden-condition control's answer in words: with the instruction only in the condition, does a
+    conditioned head beat its constant-input twin, and does another cluster's condition cost it?"""
+    answers = []
+    for row, constant in (("chameleon", "chameleon-constant"), ("chameleon, no hyper dropout", "chameleon-constant, no hyper dropout")):
+        gain, shuffled = _said(block, row, constant), _said(block, shuffled_row(row), row)
+        if gain is None or shuffled is None:
+            continue
+        uses = gain == "better" and shuffled == "worse"
+        answers.append(f"`{row}` {'uses' if uses else 'does not measurably use'} the hidden instruction (vs its "
+                       f"constant twin: {gain}; given another cluster's condition: {shuffled})")
+    if not answers:
+        return "In words: the answer waits for runs that have not finished yet."
+    return "In words: " + "; ".join(answers) + "."
 
 
 def _published(sets: list[tuple[Path, dict]]) -> list[str]:
