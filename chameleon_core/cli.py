@@ -92,6 +92,9 @@ def _add_training_settings(parser: argparse.ArgumentParser) -> None:
     _setting(parser, "k", "number of clusters (default: rows // batch size)", type=int)
     _setting(parser, "max_train_rows", "default: all", type=int)
     _setting(parser, "max_eval_rows", "default: all", type=int)
+    _setting(parser, "selection_rows", "carve this many rows from the training rows (seeded by --data-seed, never "
+             "trained on) and validate every epoch and --patience on them, so the reported splits are scored once, at "
+             "the end (default: validate on the validation split)", type=int)
     _setting(parser, "patience", "stop once validation loss has not improved for this many epochs and keep the best "
              "epoch's adapters (--epochs is then the most; default: train every epoch)", type=int)
     _setting(parser, "cached_features", "head-only regimes (lora-head, chameleon-head): run the frozen transformer "
@@ -109,6 +112,13 @@ def _train_config(args: argparse.Namespace, preset: dict | None = None) -> Train
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _lrs(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated learning rates are needed, e.g. 3e-4,1e-3,3e-3; got {text!r}") from None
 
 
 def _names(text: str) -> list[str]:
@@ -134,7 +144,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     config = _train_config(args, preset_settings(args.preset, args.dataset) if args.preset else None)
     only = set(args.only) if args.only else None
     results = reproduce(config, args.out, tuple(args.protocols), args.seeds, args.ablation_seeds, args.k_sweep,
-                        collect_only=args.collect_only, only=only)
+                        collect_only=args.collect_only, only=only, lr_grid=args.lr_grid)
     print(results_markdown(results))
 
 
@@ -271,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: tabulate the runs already finished in --out (rows show how many seeds finished)")
     p.add_argument("--only", type=_names, default=None,
                    help="train only these rows, e.g. causal/chameleon-random-batches (comma-separated); gather the rest")
+    p.add_argument("--lr-grid", dest="lr_grid", type=_lrs, default=None,
+                   help="learning rates to try, e.g. 3e-4,1e-3,3e-3 (at least 2): each trains in seed<N>/lr<value>/ and "
+                   "the seed reports the one with the lowest loss on the selection rows (needs --selection-rows; "
+                   "the base row trains nothing and runs once; pass the same grid with --collect-only)")
     p.set_defaults(run=_reproduce)
 
     p = commands.add_parser("report", help="write the committed results and bench figures into README.md")

@@ -2,12 +2,15 @@
 
 Writes ``results.json``, ``results.md`` (the paper-style tables) and plotly learning curves.
 Each run lives in ``runs/<protocol>/<row>/seed<N>/`` and is skipped when already complete, so
-an interrupted ``reproduce`` picks up where it stopped.
+an interrupted ``reproduce`` picks up where it stopped. With a learning-rate grid each of its
+values trains in ``seed<N>/lr<value>/`` and the seed reports the one with the lowest loss on the
+selection rows (``--selection-rows``), never looking at the reported split.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from dataclasses import replace
@@ -21,7 +24,7 @@ from .paired import DELTA, describe, paired_difference, read_rows
 from .protocols import PROTOCOLS
 from .regimes import HEAD_ONLY
 from .runs import finished_run
-from .train import TrainConfig, train
+from .train import TrainConfig, TrainingDiverged, train
 
 HEADLINE = {
     "base": {"regime": "base"},
@@ -106,10 +109,40 @@ def _stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
+def lr_folder(lr: float) -> str:
+    """The sub-folder of a seed's folder where the grid's learning rate ``lr`` trains: ``lr0.001``."""
+    return f"lr{lr:g}"
+
+
+def check_lr_grid(lr_grid: list[float] | None, base: TrainConfig) -> list[float] | None:
+    """``lr_grid`` as floats, or a ValueError saying what is wrong with it (None: no grid)."""
+    if lr_grid is None:
+        return None
+    values = [float(lr) for lr in lr_grid]
+    if len(values) < 2:
+        raise ValueError(f"--lr-grid needs at least 2 learning rates to choose from, got {len(values)}")
+    if bad := [lr for lr in values if not (math.isfinite(lr) and lr > 0)]:
+        raise ValueError(f"--lr-grid values must be finite numbers > 0, got {', '.join(map(str, bad))}")
+    if len({lr_folder(lr) for lr in values}) < len(values):
+        raise ValueError(f"--lr-grid names a learning rate twice: {', '.join(f'{lr:g}' for lr in values)}")
+    if base.selection_rows is None:
+        raise ValueError("--lr-grid chooses each run's learning rate on selection rows carved from the training rows; "
+                         "pass --selection-rows (choosing on the reported split would be peeking at it)")
+    return values
+
+
+def selection_loss(run: dict) -> float:
+    """The validation loss of a run's kept adapters, its best epoch's (early stopping) or else its last: the
+    selection split's for a run with ``selection_rows``."""
+    history = run["history"]
+    kept = run.get("best_epoch", history[-1]["epoch"])
+    return next(h["val_loss"] for h in history if h["epoch"] == kept)
+
+
 def reproduce(
     base: TrainConfig, out: str | Path, protocols: tuple[str, ...] = ("paper", "causal"), seeds: list[int] = (0,),
     ablation_seeds: list[int] = (0,), k_sweep: list[int] = (), show_progress: bool = True, collect_only: bool = False,
-    only: set[str] | None = None,
+    only: set[str] | None = None, lr_grid: list[float] | None = None,
 ) -> dict:
     """Run (or, with ``collect_only``, only gather the finished runs of) the whole grid.
 
@@ -117,13 +150,18 @@ def reproduce(
     the others are only gathered, so a few rows can get more seeds without rerunning the grid.
     Rows are reported with the seeds that finished; a row with none is listed as not run. Protocols
     outside ``protocols`` are gathered too, so training one protocol never drops the other's table.
+    ``lr_grid`` (needs ``base.selection_rows``): every trained row and seed runs each of these learning
+    rates and reports the run with the lowest :func:`selection_loss`; the base row trains nothing and runs once.
     """
+    lrs = check_lr_grid(lr_grid, base)
     grid = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep), base.dataset)
     if only is not None and (unknown := only - {f"{p}/{_slug(name)}" for p in protocols for name in grid}):
         raise ValueError(f"--only names rows that are not in the grid: {', '.join(sorted(unknown))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"setup": {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")}, "protocols": {}}
+    setup = {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")
+             and not (k == "selection_rows" and v is None)}  # unset: recorded as before the setting existed
+    results = {"setup": {**setup, **({"lr_grid": lrs} if lrs else {})}, "protocols": {}}
     for protocol in PROTOCOLS:
         table, curves, diversity, not_run, first = {}, {}, {}, [], None  # first: a finished run, for the split's facts
         per_row = {}  # row -> seed -> that run's per-row losses (runs that saved them)
@@ -138,28 +176,29 @@ def reproduce(
             row = out / "runs" / protocol / _slug(name)
             if gather:  # every seed that finished, so a command naming fewer seeds never shrinks a table
                 row_seeds = sorted({*row_seeds, *(int(f.name[4:]) for f in row.glob("seed*") if f.name[4:].isdigit())})
+            folders, chosen = {}, []  # seed -> the folder of its reported run; with a grid, what each seed chose
             for seed in row_seeds:
                 config = replace(base, protocol=protocol, seed=seed, **{**overrides, "cached_features": cached})
-                folder = row / f"seed{seed}"
-                if gather:  # a head-only run counts whether or not it ran on cached states (the same losses)
-                    done = finished_run(folder, config) or (
-                        head_only and finished_run(folder, replace(config, cached_features=not cached)))
-                    runs += [done] if done else []
-                    continue
-                if show_progress:
-                    tqdm.write(f"[{protocol}] {name} seed {seed}")  # on its own line, not after a bar
-                runs.append(train(config, folder, resume=True, show_progress=show_progress))
+                folder, label = row / f"seed{seed}", f"[{protocol}] {name} seed {seed}"
+                if lrs and config.regime != "base":
+                    done, folder, choice, swept = _sweep(config, folder, lrs, gather, head_only, show_progress, label)
+                    chosen += [{"seed": seed, **choice}] if done else []
+                    timed += [r.get("wall_seconds") for r in swept]  # every grid value's run took its time
+                else:
+                    done = _run_or_gather(config, folder, gather, head_only, show_progress, label)
+                    timed += [done.get("wall_seconds")] if done else []
+                if done:
+                    runs.append(done)
+                    folders[seed] = folder
             if not runs:
                 not_run.append(name)
                 continue
             first = first or runs[0]
-            timed += [r.get("wall_seconds") for r in runs]
-            table[name] = _row(runs)
+            table[name] = {**_row(runs), **({"chosen": chosen} if chosen else {})}
             curves[name] = runs[0]["history"]
-            folders = {r["config"]["seed"]: row / f"seed{r['config']['seed']}" for r in runs}
             per_row[name] = _saved_rows(folders, "eval")
             if name in SHUFFLED_ROWS:
-                table[shuffled_row(name)] = _row(runs, "eval_shuffled_condition")
+                table[shuffled_row(name)] = {**_row(runs, "eval_shuffled_condition"), **({"chosen": chosen} if chosen else {})}
                 per_row[shuffled_row(name)] = _saved_rows(folders, "eval_shuffled_condition")
             if found := [r["adapter_diversity"] for r in runs if "adapter_diversity" in r]:
                 diversity[name] = _diversity(found)
@@ -178,6 +217,46 @@ def reproduce(
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results))
     return results
+
+
+def _run_or_gather(config: TrainConfig, folder: Path, gather: bool, head_only: bool, show_progress: bool,
+                   label: str) -> dict | None:
+    """The finished run of ``config`` in ``folder``: trained (or resumed) there, or with ``gather`` only read, if any."""
+    if gather:  # a head-only run counts whether or not it ran on cached states (the same losses)
+        return finished_run(folder, config) or (
+            head_only and finished_run(folder, replace(config, cached_features=not config.cached_features))) or None
+    if show_progress:
+        tqdm.write(label)  # on its own line, not after a bar
+    return train(config, folder, resume=True, show_progress=show_progress)
+
+
+def _sweep(
+    config: TrainConfig, folder: Path, lrs: list[float], gather: bool, head_only: bool, show_progress: bool, label: str,
+) -> tuple[dict | None, Path | None, dict | None, list[dict]]:
+    """One seed's learning-rate grid, each value in its own sub-folder: (the run with the lowest selection loss, its
+    folder, what was chosen and every value's selection loss, every finished run of the grid), the first three None
+    where no value finished. A value whose loss diverged, or (gathering) that has not finished, is recorded with no
+    loss and cannot be chosen."""
+    tried = []  # (lr, its finished run or None)
+    for lr in lrs:
+        try:
+            done = _run_or_gather(replace(config, lr=lr), folder / lr_folder(lr), gather, head_only, show_progress,
+                                  f"{label} lr {lr:g}")
+        except TrainingDiverged as err:
+            if show_progress:
+                tqdm.write(f"{label} lr {lr:g}: {err}")
+            done = None
+        tried.append((lr, done))
+    losses = [(lr, run, selection_loss(run)) for lr, run in tried if run]
+    if not losses:
+        return None, None, None, []
+    # the first of the lowest (grid order breaks ties); a non-finite loss is never chosen over a finite one
+    lr, run, loss = min(losses, key=lambda found: found[2] if math.isfinite(found[2]) else math.inf)
+    history = run["history"]
+    choice = {"lr": lr, "epoch": run.get("best_epoch", history[-1]["epoch"]), "epochs_run": history[-1]["epoch"],
+              "selection_loss": loss, "grid": [{"lr": value, "selection_loss": selection_loss(done) if done else None}
+                                               for value, done in tried]}
+    return run, folder / lr_folder(lr), choice, [run for _, run, _ in losses]
 
 
 def _saved_rows(folders: dict[int, Path], key: str) -> dict[int, dict]:
@@ -268,16 +347,24 @@ def results_markdown(results: dict) -> str:
     """The paper-style tables, one per protocol, with the facts needed to read them."""
     setup = results["setup"]
     epochs = _count(setup["epochs"], "epoch")
+    validated = "selection" if setup.get("selection_rows") else "validation"
     if setup.get("patience"):
-        epochs = (f"up to {epochs}, stopped once the validation loss had not improved for {_count(setup['patience'], 'epoch')} "
-                  "(the best epoch's adapters are kept)")
+        epochs = (f"up to {epochs}, stopped once the {validated} loss had not improved for "
+                  f"{_count(setup['patience'], 'epoch')} (the best epoch's adapters are kept)")
+    lr = (f"lr chosen per run from {', '.join(f'{value:g}' for value in setup['lr_grid'])}" if setup.get("lr_grid")
+          else f"lr {setup['lr']}")
     lines = [
         f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {epochs}, batch {setup['batch_size']}, "
         f"rank {setup['rank']}, alpha {setup['alpha']:g} (scale alpha / rank = {setup['alpha'] / setup['rank']:g}), "
-        f"hyper-network dropout {setup['hyper_dropout']:g}, lr {setup['lr']}; rows of at most {setup['max_length']} tokens. "
+        f"hyper-network dropout {setup['hyper_dropout']:g}, {lr}; rows of at most {setup['max_length']} tokens. "
         "Mean ± std over seeds where n > 1; steps: optimizer steps per run.",
         "",
     ]
+    if setup.get("selection_rows"):
+        chosen = "Each run's epochs" + (" and learning rate were" if setup.get("lr_grid") else " were")
+        lines += [f"{chosen} chosen on {setup['selection_rows']:,} selection rows carved from the training rows "
+                  "(seeded by the data seed, never trained on); the reported split was scored once, at the end, with "
+                  "the kept adapters.", ""]
     timed = [b["run_seconds"] for b in results["protocols"].values() if b.get("run_seconds") is not None]
     if seconds := sorted(s for block in timed for s in block):
         # the median says what one run costs on a quiet machine; the total includes runs that shared the CPU
@@ -288,22 +375,29 @@ def results_markdown(results: dict) -> str:
               "causal": "Correct protocol (`causal`): next-token loss, padding masked, no target leakage"}
     for protocol, block in results["protocols"].items():
         lines += [f"### {titles.get(protocol, protocol)}", ""]
-        facts = (f"Trained on {block['rows']['train']:,} rows, evaluated on the `{block['eval_split']}` split "
+        selection = f" ({block['rows']['selection']:,} more held out for selection)" if "selection" in block["rows"] else ""
+        facts = (f"Trained on {block['rows']['train']:,} rows{selection}, evaluated on the `{block['eval_split']}` split "
                  f"({block['rows'][block['eval_split']]:,} rows); {block['k']} training clusters.")
         if block["padding_share"]:
             share = block["padding_share"][block["eval_split"]]
             facts += f" **{share:.1%} of the scored targets are padding** (EOS predicted from EOS)."
         if any(block["dropped_rows"].values()):
             facts += " Rows too short to score were dropped: " + ", ".join(f"{k} {v:,}" for k, v in block["dropped_rows"].items()) + "."
-        lines += [facts, "", "| Regime | Trainable params | Steps | Train loss | Val loss | Val ppl | Seeds |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        swept = any("chosen" in row for row in block["table"].values())
+        lines += [facts, "", "| Regime | Trainable params | Steps | Train loss | Val loss | Val ppl | Seeds |"
+                  + (" lr (chosen) | Epoch (chosen) |" if swept else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if swept else "")]
         for name, row in block["table"].items():
             ppl_digits = 2 if row["val_ppl"]["mean"] < 1e5 else 0
             steps = _fmt(row["steps"], 0) if "steps" in row else "-"
             lines.append(
                 f"| {name} | {row['trainable_parameters']:,} | {steps} | {_fmt(row['train_loss'])} | {_fmt(row['val_loss'])} | "
-                f"{_fmt(row['val_ppl'], ppl_digits)} | {len(row['seeds'])} |"
+                f"{_fmt(row['val_ppl'], ppl_digits)} | {len(row['seeds'])} |" + (_chosen_cells(row) if swept else "")
             )
+        if swept:
+            lines += ["", "lr (chosen), epoch (chosen): per seed, the grid's learning rate whose run had the lowest "
+                      "loss on the selection rows, and that run's kept epoch / epochs run (* chosen among the grid "
+                      "values that finished: the others diverged or have not run)."]
         if odd := {name: row["train_rows"] for name, row in block["table"].items()
                    if row.get("train_rows", block["rows"]["train"]) != block["rows"]["train"]}:
             lines += ["", "Trained on other rows: " + "; ".join(f"{name} {rows:,}" for name, rows in odd.items()) + "."]
@@ -321,6 +415,16 @@ def results_markdown(results: dict) -> str:
     shown = {name for block in results["protocols"].values() for name in block["table"]} | {SHUFFLED}
     lines += ["Rows:", ""] + [f"- **{name}**: {text}" for name, text in DESCRIPTIONS.items() if name in shown]
     return "\n".join(lines) + "\n"
+
+
+def _chosen_cells(row: dict) -> str:
+    """`` 0.001, 0.003 | 2/3, 3/3 |``: each seed's chosen learning rate and epoch, or ``-`` for a row not swept."""
+    if "chosen" not in row:
+        return " - | - |"
+    partial = ["*" if any(value["selection_loss"] is None for value in c["grid"]) else "" for c in row["chosen"]]
+    lrs = ", ".join(f"{c['lr']:g}{mark}" for c, mark in zip(row["chosen"], partial))
+    epochs = ", ".join(f"{c['epoch']}/{c['epochs_run']}" for c in row["chosen"])
+    return f" {lrs} | {epochs} |"
 
 
 def diversity_markdown(diversity: dict) -> list[str]:

@@ -5,7 +5,8 @@ epoch (a checkpoint after each), then finish: the final evaluation, the bundle a
 A run folder is also a bundle: after the last epoch it holds the adapters (``load_bundle`` reads
 it), ``metrics.json`` and ``metrics.csv``; while training it holds ``checkpoint.pt``, from which
 ``resume=True`` continues to the same final metrics as an uninterrupted run. ``runs`` says what a
-folder holds and writes its records.
+folder holds and writes its records. With ``selection_rows`` the epochs are validated (and stopped early) on
+rows carved from the training rows, and the reported split is scored once, at the end.
 Multi-GPU: ``accelerate launch -m chameleon_core train ...``; each process takes every
 ``num_processes``-th cluster-homogeneous batch.
 """
@@ -78,6 +79,9 @@ class TrainConfig:
     transductive: bool | None = None  # cluster the eval split itself; default: the protocol's (paper: yes)
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
+    # rows carved from the training rows (seeded by data_seed) that every epoch's validation and early stopping read,
+    # so that the reported splits are scored once, at the end; unset: the validation split
+    selection_rows: int | None = None
     patience: int | None = None  # stop once validation loss has not improved for this many epochs; keep the best
     cached_features: bool = False  # head-only regimes: train the head on the frozen transformer's cached states
     device: str = "auto"
@@ -100,6 +104,8 @@ class TrainConfig:
             ("k", self.k is None or self.k >= 1, "an integer >= 1, or unset (rows // batch size)"),
             ("max_train_rows", self.max_train_rows is None or self.max_train_rows >= 1, "an integer >= 1, or unset (all)"),
             ("max_eval_rows", self.max_eval_rows is None or self.max_eval_rows >= 1, "an integer >= 1, or unset (all)"),
+            ("selection_rows", self.selection_rows is None or self.selection_rows >= 1,
+             "an integer >= 1, or unset (epochs are validated on the validation split)"),
             ("seed", 0 <= self.seed <= MAX_SEED, "an integer from 0 to 2**32 - 1"),
             ("data_seed", 0 <= self.data_seed <= MAX_SEED, "an integer from 0 to 2**32 - 1"),
             ("patience", self.patience is None or self.patience >= 1, "an integer >= 1 epoch, or unset (every epoch)"),
@@ -107,6 +113,8 @@ class TrainConfig:
         for name, usable, allowed in limits:
             if not usable:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {allowed}, got {getattr(self, name)!r}")
+        if self.selection_rows is not None and self.max_train_rows is not None:
+            _check_selection(self.selection_rows, self.max_train_rows)
         self.adapter  # a ValueError naming a bad adapter setting
 
     @property
@@ -131,6 +139,12 @@ class Split:
     encoded: Encoded
     labels: torch.Tensor
     features: Features | None = None  # the frozen transformer's hidden states (head-only regimes, cached_features)
+
+
+def _check_selection(selection_rows: int, train_rows: int) -> None:
+    if selection_rows >= train_rows:
+        raise ValueError(f"selection_rows (--selection-rows) {selection_rows} leaves {train_rows - selection_rows} of "
+                         f"the {train_rows} training rows to train on; it must leave at least one")
 
 
 def seed_everything(seed: int) -> None:
@@ -243,21 +257,47 @@ def held_out_split(name: str, records: list[Record], config: TrainConfig, model,
     batching by the nearest training centroid or (transductive, the published way) by k-means on the split
     itself. Training and ``evaluate_bundle`` both build their splits here, so the two cannot drift apart."""
     encoded = _encode(_subsample(records, config.max_eval_rows, config.data_seed), config, model, tokenizer)
+    return _labelled(name, encoded, config, clusters)
+
+
+def _labelled(name: str, encoded: Encoded, config: TrainConfig, clusters: Clusters) -> Split:
+    """A split other than train, labelled for batching as :func:`held_out_split` says."""
     if config.is_transductive:
         k = min(config.k, len(encoded)) if config.k else None  # config.k: the training k, which fit_clusters keeps
         return Split(name, encoded, fit_clusters(encoded.embeddings, k, config.batch_size, config.seed)[1])
     return Split(name, encoded, clusters.assign(encoded.embeddings)[0])
 
 
+def selection_split(records: list[Record], config: TrainConfig) -> tuple[list[Record], list[Record]]:
+    """(the rows to train on, the selection rows): ``config.selection_rows`` of ``records`` drawn with a seed made
+    from ``data_seed`` alone, so every run of one data seed (any training seed, learning rate or regime) holds out
+    the same rows, and never trains on them. Without ``selection_rows``: (``records``, [])."""
+    if config.selection_rows is None:
+        return records, []
+    _check_selection(config.selection_rows, len(records))
+    chosen = set(random.Random(f"selection:{config.data_seed}").sample(range(len(records)), config.selection_rows))
+    return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])
+
+
 def prepare(config: TrainConfig, model, tokenizer) -> tuple[Split, Split, Split, Clusters, dict]:
-    """Load, encode and cluster train / validation / evaluation splits."""
+    """Load, encode and cluster the splits: (train, the split each epoch is validated on, evaluation, clusters, facts).
+
+    Each epoch is validated on the validation split, or with ``selection_rows`` on the selection split carved from
+    the training rows (labelled as a held-out split is), which then leaves the validation split unread."""
     splits = load_dataset_splits(config.dataset, config.data_dir, config.data_seed)
-    encoded = _encode(_subsample(splits["train"], config.max_train_rows, config.data_seed), config, model, tokenizer)
+    records, selection = selection_split(_subsample(splits["train"], config.max_train_rows, config.data_seed), config)
+    encoded = _encode(records, config, model, tokenizer)
     if len(encoded) < 1:
         raise ValueError(f"no training row of {config.dataset} is long enough to score under {config.protocol!r}")
     clusters, train_labels = fit_clusters(encoded.embeddings, config.k, config.batch_size, config.seed)
     eval_name = eval_split_name(splits)
-    held = {name: held_out_split(name, splits[name], config, model, tokenizer, clusters) for name in ("validation", eval_name)}
+    held = {name: held_out_split(name, splits[name], config, model, tokenizer, clusters)
+            for name in ("validation", eval_name) if name == eval_name or not selection}
+    if selection:
+        held["selection"] = _labelled("selection", _encode(selection, config, model, tokenizer), config, clusters)
+        if len(held["selection"].encoded) < 1:
+            raise ValueError(f"no selection row of {config.dataset} is long enough to score under {config.protocol!r}; "
+                             "raise --selection-rows")
     every = {"train": Split("train", encoded, train_labels), **held}
     info = {
         "eval_split": eval_name,
@@ -270,7 +310,7 @@ def prepare(config: TrainConfig, model, tokenizer) -> tuple[Split, Split, Split,
             config.dataset in INSTRUCTION_DATASETS, config.max_length, config.context_tokens, config.condition_source
         ),
     }
-    return every["train"], held["validation"], held[eval_name], clusters, info
+    return every["train"], held["selection" if selection else "validation"], held[eval_name], clusters, info
 
 
 @dataclass
@@ -284,7 +324,7 @@ class _Run:
     tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer | None  # None: the regime trains nothing
     train_split: Split
-    val_split: Split
+    val_split: Split  # what each epoch is validated on: the validation split, or the selection split
     eval_split: Split
     clusters: Clusters
     info: dict  # what prepare says about the splits, for the metrics
@@ -434,6 +474,8 @@ def _finish(run: _Run, val: dict | None, report: Callable[[float, str], None], b
     ran_last_epoch = run.start_epoch < run.epochs
     final = val if ran_last_epoch and eval_split is run.val_split else evaluate(core, eval_split, config, clusters, pad_id)
     train_loss = history[-1]["train_loss"] if history else evaluate(core, train_split, config, clusters, pad_id)["loss"]
+    if not history:  # nothing trained: the untrained model's selection loss; without selection rows, as ever, its evaluation
+        val = evaluate(core, run.val_split, config, clusters, pad_id) if config.selection_rows else final
     result = {
         "config": config_dict(config),
         "adapter": run.adapter.to_dict(),
@@ -441,9 +483,10 @@ def _finish(run: _Run, val: dict | None, report: Callable[[float, str], None], b
         "total_parameters": sum(p.numel() for p in core.parameters()),
         "train_loss": train_loss,
         "eval": final,
-        "history": history or [{"epoch": 0, "train_loss": train_loss, "val_loss": final["loss"], "val_ppl": final["ppl"], "seconds": 0.0, "step_losses": []}],
+        "history": history or [{"epoch": 0, "train_loss": train_loss, "val_loss": val["loss"], "val_ppl": val["ppl"], "seconds": 0.0, "step_losses": []}],
         "steps": sum(len(h["step_losses"]) for h in history),
         **info,
+        "selection": config.selection_rows is not None,  # whether history's val_loss is the selection split's
         "complete": True,
     }
     if run.best is not None:

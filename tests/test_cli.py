@@ -137,9 +137,12 @@ def refuse_models(monkeypatch) -> None:
      (["--alpha", "0"], "alpha must be a finite number > 0 with scale alpha / rank at most 1000"),
      (["--lr", "inf"], "lr (--lr) must be a finite number > 0, got inf"),
      (["--lr", "nan"], "lr (--lr) must be a finite number > 0, got nan"),
-     (["--seed", "-1"], "seed (--seed) must be an integer from 0 to 2**32 - 1, got -1")],
+     (["--seed", "-1"], "seed (--seed) must be an integer from 0 to 2**32 - 1, got -1"),
+     (["--selection-rows", "0"], "selection_rows (--selection-rows) must be an integer >= 1, or unset"),
+     (["--selection-rows", "64", "--max-train-rows", "64"],
+      "selection_rows (--selection-rows) 64 leaves 0 of the 64 training rows to train on; it must leave at least one")],
     ids=["device", "context-tokens-0", "train-rows-0", "eval-rows-0", "eval-rows-negative", "alpha-nan", "alpha-inf",
-         "alpha-0", "lr-inf", "lr-nan", "seed-negative"],
+         "alpha-0", "lr-inf", "lr-nan", "seed-negative", "selection-rows-0", "selection-rows-all"],
 )
 def test_train_refuses_a_meaningless_setting_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
     refuse_models(monkeypatch)
@@ -279,3 +282,31 @@ def test_a_bundle_naming_an_unreachable_hub_model_is_one_error_line(tmp_path, ca
 def test_an_unknown_model_name_offline_is_one_error_line(capsys, offline):
     line = one_error_line(capsys, ["params", "--model", "no-such-model-xyz"])
     assert "could not load model 'no-such-model-xyz'" in line
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--lr-grid", "1e-3,3e-3"], "--lr-grid chooses each run's learning rate on selection rows carved from the "
+                                  "training rows; pass --selection-rows"),
+     (["--lr-grid", "1e-3", "--selection-rows", "8"], "--lr-grid needs at least 2 learning rates to choose from, got 1"),
+     (["--lr-grid", "1e-3,0", "--selection-rows", "8"], "--lr-grid values must be finite numbers > 0, got 0.0"),
+     (["--lr-grid", "1e-3,inf", "--selection-rows", "8"], "--lr-grid values must be finite numbers > 0, got inf"),
+     (["--lr-grid", "1e-3,0.001", "--selection-rows", "8"], "--lr-grid names a learning rate twice: 0.001, 0.001")],
+    ids=["no-selection-rows", "one-value", "zero", "inf", "twice"],
+)
+def test_reproduce_refuses_a_learning_rate_grid_it_cannot_choose_from_fairly(tmp_path, capsys, monkeypatch, flags, message):
+    refuse_models(monkeypatch)
+    line = one_error_line(capsys, ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "out"), *flags])
+    assert message in line and not (tmp_path / "out").exists()
+
+
+def test_reproduce_passes_its_learning_rate_grid_and_refuses_one_that_is_not_numbers(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr("chameleon_core.cli.reproduce", lambda config, out, *args, **kwargs: calls.append((config, kwargs)))
+    monkeypatch.setattr("chameleon_core.cli.results_markdown", lambda results: "")
+    assert main(["reproduce", "--out", str(tmp_path), "--lr-grid", "3e-4,1e-3,3e-3", "--selection-rows", "40"]) == 0
+    config, kwargs = calls[0]
+    assert kwargs["lr_grid"] == [3e-4, 1e-3, 3e-3] and config.selection_rows == 40
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--out", str(tmp_path), "--lr-grid", "3e-4,fast"])
+    assert "comma-separated learning rates are needed, e.g. 3e-4,1e-3,3e-3; got '3e-4,fast'" in capsys.readouterr().err

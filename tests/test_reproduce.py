@@ -274,3 +274,88 @@ def test_only_refuses_a_row_outside_the_grid_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match="causal/chameleon-randm-batches"):
         reproduce_module.reproduce(TrainConfig(), tmp_path / "out", only={"causal/chameleon-randm-batches"})
     assert not (tmp_path / "out").exists()
+
+
+# seed -> lr -> (selection loss of each epoch, the best epoch, the reported loss): the reported split would choose
+# 3e-4 everywhere, the last epoch 1e-3 for seed 0; the best epoch's selection loss chooses otherwise
+SWEPT = {
+    0: {3e-4: ([2.9, 2.8, 2.7], 3, 1.0), 1e-3: ([2.6, 2.5, 0.1], 2, 2.0), 3e-3: ([2.7, 2.55, 2.6], 2, 3.0)},
+    1: {3e-4: ([2.9, 2.8, 2.7], 3, 1.0), 1e-3: ([2.6, 2.5, 2.6], 2, 2.0), 3e-3: ([2.4, 2.3, 2.2], 3, 3.0)},
+    2: {3e-4: ([2.9, 2.8, 2.7], 3, 1.0), 1e-3: ([2.6, 2.5, 2.6], 2, 2.0), 3e-3: None},  # 3e-3 diverges
+}
+
+
+def _swept_run(config, folder) -> dict:
+    """A finished run of ``config`` as ``SWEPT`` scripts it, with per-row losses saved as train saves them."""
+    if config.regime == "base":
+        epochs, best, loss = [3.5], None, 3.5
+    elif (scripted := SWEPT[config.seed][config.lr]) is None:
+        raise reproduce_module.TrainingDiverged("training stopped at epoch 1: the loss became nan")
+    else:
+        epochs, best, loss = scripted
+    run = {**_fake_run(config), "config": {"seed": config.seed, "lr": config.lr, "regime": config.regime},
+           "eval": {"loss": loss, "ppl": 2.0}, "history": [{"epoch": i + 1, "val_loss": v} for i, v in enumerate(epochs)],
+           "selection": True, "wall_seconds": 60.0, **({"best_epoch": best} if best else {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = 0.5 if config.regime == "lora" else loss  # every lora run's rows alike: a pairing reads chameleon's choice
+    rows = {"keys": ["a", "b"], "loss": [saved, saved], "targets": [1, 1]}
+    (folder / "rows.json").write_text(json.dumps({"eval": rows, "eval_shuffled_condition": rows}))
+    return run
+
+
+def test_a_learning_rate_grid_reports_the_run_with_the_lowest_selection_loss(tmp_path, monkeypatch):
+    finished, trained = {}, []
+
+    def fake_train(config, folder, **_):
+        trained.append(folder.relative_to(tmp_path).as_posix())
+        return finished.setdefault(folder, _swept_run(config, folder))
+
+    monkeypatch.setattr(reproduce_module, "train", fake_train)
+    monkeypatch.setattr(reproduce_module, "finished_run",
+                        lambda folder, config: (run := finished.get(folder)) and run["config"]["lr"] == config.lr and run or None)
+    base = TrainConfig(selection_rows=8)
+    results = reproduce_module.reproduce(base, tmp_path, protocols=("causal",), seeds=[0, 1, 2], show_progress=False,
+                                         only={"causal/base", "causal/lora", "causal/chameleon"}, lr_grid=[3e-4, 1e-3, 3e-3])
+    assert trained[0] == "runs/causal/base/seed0"  # nothing to train: not swept
+    assert trained[-9:] == [f"runs/causal/chameleon/seed{seed}/lr{lr}" for seed in (0, 1, 2) for lr in ("0.0003", "0.001", "0.003")]
+    table = results["protocols"]["causal"]["table"]
+    chosen = table["chameleon"]["chosen"]
+    assert [(c["seed"], c["lr"], c["epoch"], c["epochs_run"], c["selection_loss"]) for c in chosen] == [
+        (0, 1e-3, 2, 3, 2.5), (1, 3e-3, 3, 3, 2.2), (2, 1e-3, 2, 3, 2.5)]
+    assert chosen[2]["grid"] == [{"lr": 3e-4, "selection_loss": 2.7}, {"lr": 1e-3, "selection_loss": 2.5},
+                                 {"lr": 3e-3, "selection_loss": None}]
+    assert table["chameleon"]["val_loss"]["mean"] == pytest.approx((2.0 + 3.0 + 2.0) / 3)  # the chosen runs' reported loss
+    assert table[shuffled_row("chameleon")]["chosen"] == chosen and "chosen" not in table["base"]
+    paired = next(p for p in results["protocols"]["causal"]["paired"] if (p["row"], p["reference"]) == ("chameleon", "lora"))
+    assert paired["paired"]["per_seed"] == pytest.approx([2.0 - 0.5, 3.0 - 0.5, 2.0 - 0.5])  # the chosen runs' rows.json
+    assert results["setup"]["lr_grid"] == [3e-4, 1e-3, 3e-3] and results["setup"]["selection_rows"] == 8
+    assert len(results["protocols"]["causal"]["run_seconds"]) == 1 + 8 + 8  # base, then every finished grid value
+
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| Regime | Trainable params | Steps | Train loss | Val loss | Val ppl | Seeds | lr (chosen) | Epoch (chosen) |" in markdown
+    assert "| 3 | 0.001, 0.003, 0.001* | 2/3, 3/3, 2/3 |" in markdown.split("| chameleon |")[1].splitlines()[0]
+    assert "| base |" in markdown and markdown.split("| base |")[1].splitlines()[0].endswith("| 1 | - | - |")
+    assert "lr chosen per run from 0.0003, 0.001, 0.003" in markdown
+    assert "chosen on 8 selection rows carved from the training rows" in markdown
+
+    gathered = reproduce_module.reproduce(base, tmp_path, protocols=("causal",), seeds=[0], show_progress=False,
+                                          collect_only=True, lr_grid=[3e-4, 1e-3, 3e-3])
+    assert gathered["protocols"]["causal"]["table"]["chameleon"] == table["chameleon"]  # resumable: gathered the same
+    assert len(trained) == 19  # and nothing trained again
+
+
+def test_without_a_grid_the_table_has_no_chosen_columns_and_the_setup_no_new_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce_module, "train", lambda config, folder, **_: _fake_run(config))
+    results = reproduce_module.reproduce(TrainConfig(), tmp_path, protocols=("causal",), show_progress=False,
+                                         only={"causal/chameleon"})
+    assert "selection_rows" not in results["setup"] and "lr_grid" not in results["setup"]
+    assert "chosen" not in results["protocols"]["causal"]["table"]["chameleon"]
+    markdown = results_markdown(results)
+    assert "| Regime | Trainable params | Steps | Train loss | Val loss | Val ppl | Seeds |\n" in markdown
+    assert "chosen" not in markdown and "selection" not in markdown
+
+
+def test_a_grid_without_selection_rows_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="pass --selection-rows"):
+        reproduce_module.reproduce(TrainConfig(), tmp_path / "out", lr_grid=[1e-3, 3e-3])
+    assert not (tmp_path / "out").exists()

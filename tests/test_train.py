@@ -286,3 +286,58 @@ def test_patience_stops_when_validation_stops_improving_and_keeps_the_best_epoch
     assert result["eval"]["loss"] == pytest.approx(two_epochs["eval"]["loss"], abs=1e-6)  # epoch 2's adapters, kept
     with pytest.raises(ValueError, match=r"patience \(--patience\) must be an integer >= 1"):
         TrainConfig(patience=0)
+
+
+def test_selection_rows_are_carved_from_the_training_rows_seeded_by_the_data_seed(tmp_path):
+    from chameleon_core.data import load_dataset_splits
+    from chameleon_core.train import selection_split
+
+    records = load_dataset_splits("synthetic", seed=0)["train"][:100]
+    kept, carved = selection_split(records, TrainConfig(**TINY, selection_rows=20))
+    assert len(carved) == 20 and len(kept) == 80
+    assert sorted(map(id, kept + carved)) == sorted(map(id, records))  # every row once: none trained and held out
+    assert [r.text for r in carved] == [r.text for r in selection_split(records, TrainConfig(**TINY, selection_rows=20, seed=7))[1]]
+    other = selection_split(records, TrainConfig(**TINY, selection_rows=20, data_seed=1))[1]
+    assert {id(r) for r in other} != {id(r) for r in carved}  # another data seed, other rows
+    assert selection_split(records, TrainConfig(**TINY)) == (records, [])
+    with pytest.raises(ValueError, match=r"selection_rows \(--selection-rows\) 100 leaves 0 of the 100 training rows"):
+        selection_split(records, TrainConfig(**TINY, selection_rows=100))
+    with pytest.raises(ValueError, match=r"must be an integer >= 1, or unset"):
+        TrainConfig(**TINY, selection_rows=0)
+
+    model, tok = load_model("random:tiny-gpt2")
+    train_split, selection, test_split, clusters, info = prepare(TrainConfig(**TINY, selection_rows=32), model, tok)
+    assert selection.name == "selection" and info["rows"] == {"train": 160, "selection": 32, "test": 48}
+    assert not set(train_split.encoded.texts) & set(selection.encoded.texts)  # disjoint from the rows trained on
+    assert len(selection.labels) == 32 and int(selection.labels.max()) < clusters.k  # labelled like a held-out split
+    unset = prepare(TrainConfig(**TINY), model, tok)
+    assert unset[1].name == "validation" and "selection" not in unset[4]["rows"] and unset[4]["rows"]["train"] == 192
+
+
+def test_epochs_are_validated_on_the_selection_rows_and_the_reported_split_is_scored_once(tmp_path, monkeypatch):
+    import chameleon_core.train as training
+
+    real, losses, scored = training.evaluate, iter([3.0, 2.0, 2.5, 2.6, 1.0, 1.0]), []
+
+    def scripted(model, split, *args, **kwargs):
+        scored.append((split.name, kwargs.get("shuffle_condition", False)))
+        result = real(model, split, *args, **kwargs)
+        return {**result, "loss": next(losses)} if split.name == "selection" else result
+
+    monkeypatch.setattr(training, "evaluate", scripted)
+    config = TrainConfig(**TINY, regime="chameleon", epochs=6, patience=2, selection_rows=32)
+    result = train(config, tmp_path / "run", show_progress=False)
+    assert [h["val_loss"] for h in result["history"]] == [3.0, 2.0, 2.5, 2.6]  # early stopping read the selection rows
+    assert result["best_epoch"] == 2 and result["selection"] is True and result["rows"]["selection"] == 32
+    assert scored == [("selection", False)] * 4 + [("test", False), ("test", True)]  # the reported split once, at the end
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["rows"]["selection"] == 32 and saved["config"]["selection_rows"] == 32
+
+
+def test_a_run_recorded_before_selection_rows_existed_still_resumes(tmp_path, no_model):
+    recorded = finished(tmp_path / "run", TrainConfig(**TINY))
+    del recorded["config"]["selection_rows"]
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(recorded))
+    assert train(TrainConfig(**TINY), tmp_path / "run", resume=True) == recorded
+    with pytest.raises(ValueError, match=r"selection_rows: None -> 8"):
+        train(TrainConfig(**TINY, selection_rows=8), tmp_path / "run", resume=True)
