@@ -29,6 +29,12 @@ WHAT = {
                  "from the input's cluster (batch-aware dynamic low-rank adaptation)",
     "chameleon-constant": "ChameleonLLM's hyper-network fed one learned constant instead of the cluster (an ablation)",
     "lora-per-cluster": "one static head LoRA per training cluster, each input served by its cluster's (an ablation)",
+    "chameleon-head": "ChameleonLLM as the published code trains it: the hyper-network's output-head LoRA alone, "
+                      "no layer LoRA",
+    "lora-head-matched": "static LoRA on the output head only, with about as many parameters as chameleon-head",
+    "chameleon-head-constant": "chameleon-head's hyper-network fed one learned constant instead of the cluster "
+                               "(an ablation)",
+    "lora-head-per-cluster": "one static output-head LoRA per training cluster and no layer LoRA (an ablation)",
 }
 
 

@@ -10,6 +10,9 @@
 - ``chameleon-constant``: ``chameleon`` with one learned vector, not the conditioning, as the hyper-network's
   input: the same architecture and one more vector of parameters, without the conditioning.
 - ``lora-per-cluster``: layer LoRA plus one static head LoRA per training cluster, each row using its cluster's.
+- ``lora-head-matched``, ``chameleon-head-constant``, ``lora-head-per-cluster``: the last three with no layer
+  LoRA, the twins of ``chameleon-head`` (matched to its parameter count, its constant input, one head LoRA per
+  cluster), so the published configuration has its controls too.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ from .lora import (
 # scale the update swamps the base weights (published LoRA scales are 0.25 to 16), and near float32's
 # range it overflows.
 MAX_SCALE = 1000.0
-REGIMES = ("base", "lora-head", "lora", "chameleon", "chameleon-head", "lora-matched", "chameleon-constant", "lora-per-cluster")
+REGIMES = ("base", "lora-head", "lora", "chameleon", "chameleon-head", "lora-matched", "chameleon-constant", "lora-per-cluster",
+           "lora-head-matched", "chameleon-head-constant", "lora-head-per-cluster")
 # What each regime is, in one place (the trainer, bundles, the demo and the CLI read these):
-HEAD_ONLY = ("lora-head", "chameleon-head")  # no layer LoRA: only the output head is adapted
-STATIC = ("lora-head", "lora", "lora-matched")  # static LoRA alone: one adapter for every input (exports to PEFT)
-HYPER_HEADS = ("chameleon", "chameleon-head", "chameleon-constant")  # a hyper-network generates the head's update
-CONDITIONED = ("chameleon", "chameleon-head")  # ... reading the condition (chameleon-constant reads a learned vector)
-ROUTED = ("lora-per-cluster",)  # each row's head adapter is its nearest training centroid's
+HEAD_ONLY = ("lora-head", "chameleon-head", "lora-head-matched", "chameleon-head-constant", "lora-head-per-cluster")  # no layer LoRA
+STATIC = ("lora-head", "lora", "lora-matched", "lora-head-matched")  # static LoRA alone: one adapter for every input (exports to PEFT)
+HYPER_HEADS = ("chameleon", "chameleon-head", "chameleon-constant", "chameleon-head-constant")  # a hyper-network generates the head's update
+CONDITIONED = ("chameleon", "chameleon-head")  # ... reading the condition (the -constant twins read a learned vector)
+CONSTANT = ("chameleon-constant", "chameleon-head-constant")  # a hyper-network fed one learned vector
+MATCHED = ("lora-matched", "lora-head-matched")  # static LoRA at the rank matching the hyper-network regime's size
+ROUTED = ("lora-per-cluster", "lora-head-per-cluster")  # each row's head adapter is its nearest training centroid's
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class AdapterConfig:
     hyper_hidden: tuple[int, ...] = (64, 32)
     hyper_dropout: float = 0.5
     conditioning: str = "batch"
-    matched_rank: int = 0  # lora-matched only: the static rank chosen (0 until chosen)
+    matched_rank: int = 0  # the matched regimes only: the static rank chosen (0 until chosen)
     k: int = 0  # the training cluster count (set once k-means has run); lora-per-cluster holds a head LoRA each
     hyper_init: str = "paper"  # the hyper-network's output layer at the start: hyper_head.HYPER_INITS
 
@@ -81,7 +87,7 @@ class AdapterConfig:
     @property
     def lora_rank(self) -> int:
         """Rank of the static LoRA modules (differs from ``rank`` only for ``lora-matched``)."""
-        return self.matched_rank if self.regime == "lora-matched" else self.rank
+        return self.matched_rank if self.regime in MATCHED else self.rank
 
     @property
     def lora_alpha(self) -> float:
@@ -135,9 +141,11 @@ class RegimeReport:
 
 
 def choose_matched_rank(model: nn.Module, config: AdapterConfig) -> int:
-    """The static-LoRA rank (layers + head) whose parameter count is closest to ``chameleon``'s."""
-    targets = config.targets or default_targets(model)
-    per_rank_layers = sum(sum(features(m)) for m in target_modules(model, targets).values())
+    """The static-LoRA rank (layers + head; the head alone for a head-only regime) whose parameter count is
+    closest to ``chameleon``'s (``chameleon-head``'s)."""
+    head_only = config.regime in HEAD_ONLY
+    targets = () if head_only else config.targets or default_targets(model)
+    per_rank_layers = sum(sum(features(m)) for m in target_modules(model, targets).values()) if targets else 0
     head_in, head_out = features(model.get_output_embeddings())
     embedding_dim = model.get_input_embeddings().embedding_dim
     hyper = HyperNetwork(embedding_dim, head_in, head_out, config.rank, config.hyper_hidden, config.hyper_dropout).to("meta")
@@ -148,8 +156,8 @@ def choose_matched_rank(model: nn.Module, config: AdapterConfig) -> int:
 def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
     """Freeze ``model`` and add the regime's adapters in place.
 
-    For ``lora-matched`` the returned config carries the matched rank, so a bundle can rebuild it;
-    ``lora-per-cluster`` holds ``config.k`` head adapters (one while the clusters are unknown).
+    For the matched regimes the returned config carries the matched rank, so a bundle can rebuild it;
+    the per-cluster regimes hold ``config.k`` head adapters (one while the clusters are unknown).
     """
     if any(isinstance(m, (LoRALayer, ConditionedHead)) for m in model.modules()):
         raise ValueError("the model already carries adapters; apply a regime to a fresh base model")
@@ -159,7 +167,7 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
         return RegimeReport(config)
     if config.regime not in HEAD_ONLY:  # the head alone needs no layer targets
         config = replace(config, targets=tuple(config.targets or default_targets(model)))
-    if config.regime == "lora-matched" and not config.matched_rank:
+    if config.regime in MATCHED and not config.matched_rank:
         config = replace(config, matched_rank=choose_matched_rank(model, config))
     if config.regime in ROUTED and not config.k:
         config = replace(config, k=1)
@@ -171,7 +179,7 @@ def apply_regime(model: nn.Module, config: AdapterConfig) -> RegimeReport:
     if config.regime in HYPER_HEADS:
         head = HyperLoRAHead(
             model.get_submodule(name), model.get_input_embeddings().embedding_dim, config.rank, config.alpha,
-            config.hyper_hidden, config.hyper_dropout, constant=config.regime == "chameleon-constant",
+            config.hyper_hidden, config.hyper_dropout, constant=config.regime in CONSTANT,
             init=config.hyper_init,
         )
         set_module(model, name, head)

@@ -46,6 +46,12 @@ def test_params_are_consistent_across_regimes(model, capsys):
     matched = regimes["lora-matched"]
     assert matched["trainable"] == matched["lora_rank"] * unit
     assert abs(matched["trainable"] - regimes["chameleon"]["trainable"]) <= unit / 2  # the closest rank
+    # the published configuration's twins: no layer LoRA; matched to it, its constant input, one head LoRA per cluster
+    twin = regimes["lora-head-matched"]
+    assert twin["layers"] == 0 and twin["trainable"] == twin["lora_rank"] * (head // 4)
+    assert abs(twin["trainable"] - regimes["chameleon-head"]["trainable"]) <= head // 8
+    assert regimes["chameleon-head-constant"]["trainable"] == regimes["chameleon-head"]["trainable"] + d
+    assert regimes["lora-head-per-cluster"] == {"trainable": head, "head": head, "layers": 0, "lora_rank": 4, "k": 1}
 
 
 def one_error_line(capsys, argv: list[str]) -> str:
