@@ -184,20 +184,29 @@ def _positive_control(sets: list[tuple[Path, dict]]) -> list[str]:
     return lines
 
 
-def _can_use(block: dict, floors: dict) -> str:
-    """The positive control's answer in words: a head that uses the condition beats the constant one and loses
-    when given another cluster's condition."""
-    answers = []
-    for row, constant in (("chameleon", "chameleon-constant"), ("chameleon, no hyper dropout", "chameleon-constant, no hyper dropout")):
+CONDITIONED_PAIRS = (("chameleon", "chameleon-constant"), ("chameleon, no hyper dropout", "chameleon-constant, no hyper dropout"))
+
+
+def _condition_use(block: dict) -> list[tuple[str, str, str, str]]:
+    """Per conditioned row whose two paired verdicts exist: (row, whether it uses the condition, its verdict vs its
+    constant twin, its verdict given another cluster's condition). Using it means beating the twin and losing
+    when the condition is another cluster's."""
+    found = []
+    for row, constant in CONDITIONED_PAIRS:
         gain, shuffled = _said(block, row, constant), _said(block, shuffled_row(row), row)
-        if gain is None or shuffled is None:
-            continue
-        uses = gain == "better" and shuffled == "worse"
-        above = block["table"][row]["val_loss"]["mean"] - floors["without condition"]
-        answers.append(f"`{row}` {'uses' if uses else 'does not measurably use'} the condition (vs its constant twin: "
-                       f"{gain}; given another cluster's condition: {shuffled}), and its loss lies {above:+.4f} from "
-                       f"the floor without the condition, which a head using the condition fully would beat by "
-                       f"{floors['without condition'] - floors['with condition']:.4f}")
+        if gain is not None and shuffled is not None:
+            uses = "uses" if gain == "better" and shuffled == "worse" else "does not measurably use"
+            found.append((row, uses, gain, shuffled))
+    return found
+
+
+def _can_use(block: dict, floors: dict) -> str:
+    """The positive control's answer in words, with each conditioned row's distance from the floors."""
+    answers = [f"`{row}` {uses} the condition (vs its constant twin: {gain}; given another cluster's condition: "
+               f"{shuffled}), and its loss lies {block['table'][row]['val_loss']['mean'] - floors['without condition']:+.4f} "
+               f"from the floor without the condition, which a head using the condition fully would beat by "
+               f"{floors['without condition'] - floors['with condition']:.4f}"
+               for row, uses, gain, shuffled in _condition_use(block)]
     if not answers:
         return "The answer waits for runs that have not finished yet."
     return "In words: " + "; ".join(answers) + "."
@@ -234,14 +243,8 @@ def _hidden_condition(sets: list[tuple[Path, dict]]) -> list[str]:
 def _uses_hidden(block: dict) -> str:
     """The hidden-condition control's answer in words: with the instruction only in the condition, does a
     conditioned head beat its constant-input twin, and does another cluster's condition cost it?"""
-    answers = []
-    for row, constant in (("chameleon", "chameleon-constant"), ("chameleon, no hyper dropout", "chameleon-constant, no hyper dropout")):
-        gain, shuffled = _said(block, row, constant), _said(block, shuffled_row(row), row)
-        if gain is None or shuffled is None:
-            continue
-        uses = gain == "better" and shuffled == "worse"
-        answers.append(f"`{row}` {'uses' if uses else 'does not measurably use'} the hidden instruction (vs its "
-                       f"constant twin: {gain}; given another cluster's condition: {shuffled})")
+    answers = [f"`{row}` {uses} the hidden instruction (vs its constant twin: {gain}; given another cluster's "
+               f"condition: {shuffled})" for row, uses, gain, shuffled in _condition_use(block)]
     if not answers:
         return "In words: the answer waits for runs that have not finished yet."
     return "In words: " + "; ".join(answers) + "."
