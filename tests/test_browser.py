@@ -115,4 +115,4 @@ def test_an_example_click_shows_its_answers_then_comes_from_the_cache(page, serv
     example.click()
     expect(table.locator("[role=row][data-index]")).to_have_count(rows, timeout=30_000)
     expect(table.locator("[data-testid=cell-0-4]")).to_have_text(answer)
-    assert [args[0] for args in submitted].count(app.EXAMPLES["Science and numbers"].splitlines()) == 1
+    assert [list(args[0].prompts) for args in submitted].count(app.EXAMPLES["Science and numbers"].splitlines()) == 1

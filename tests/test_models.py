@@ -93,7 +93,8 @@ def test_every_regime_freezes_every_base_weight(tiny, regime):
         assert trainable_parameters(model) == 0 and report.head_module is None
     else:
         assert report.head_module == "lm_head" and trainable_parameters(model) > 0
-        assert bool(report.layer_modules) == (regime not in ("lora-head", "chameleon-head"))  # the head-only regimes, named here rather than read from regimes.HEAD_ONLY
+        assert bool(report.layer_modules) == (regime not in ("lora-head", "chameleon-head", "lora-head-matched",
+                                                             "chameleon-head-constant", "lora-head-per-cluster"))  # the head-only regimes, named here rather than read from regimes.HEAD_ONLY
 
 
 def test_stories260k_is_a_real_pretrained_llama(stories):
