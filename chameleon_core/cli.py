@@ -32,7 +32,7 @@ from .models import DEFAULT_MODEL, MODEL_HELP, load_model
 from .protocols import PROTOCOLS
 from .regimes import REGIMES, ROUTED, AdapterConfig, apply_regime, trainable_parameters
 from .report import format_report, write_readme
-from .reproduce import PRESETS, preset_settings, reproduce, results_markdown
+from .reproduce import GRIDS, PRESETS, preset_settings, reproduce, results_markdown
 from .train import SAMPLERS, TrainConfig, evaluate_bundle, train
 
 # What a command line trains with where an option is left out: TrainConfig's defaults, but the default model.
@@ -144,7 +144,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     config = _train_config(args, preset_settings(args.preset, args.dataset) if args.preset else None)
     only = set(args.only) if args.only else None
     results = reproduce(config, args.out, tuple(args.protocols), args.seeds, args.ablation_seeds, args.k_sweep,
-                        collect_only=args.collect_only, only=only, lr_grid=args.lr_grid)
+                        collect_only=args.collect_only, only=only, lr_grid=args.lr_grid, grid=args.grid)
     print(results_markdown(results))
 
 
@@ -285,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rates to try, e.g. 3e-4,1e-3,3e-3 (at least 2): each trains in seed<N>/lr<value>/ and "
                    "the seed reports the one with the lowest loss on the selection rows (needs --selection-rows; "
                    "the base row trains nothing and runs once; pass the same grid with --collect-only)")
+    p.add_argument("--grid", choices=GRIDS, default="full",
+                   help="full: every regime and ablation; head-only: the published configuration (the hyper-LoRA head "
+                   "alone) and its head-only controls, at published and best-chance settings (with --k-sweep, the "
+                   "cluster-dependent arms again at each k); pass --cached-features to train them on cached states")
     p.set_defaults(run=_reproduce)
 
     p = commands.add_parser("report", help="write the committed results and bench figures into README.md")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .paired import DELTA, describe, paired_difference, read_rows
 from .protocols import PROTOCOLS
-from .regimes import HEAD_ONLY
+from .regimes import CONDITIONED, HEAD_ONLY
 from .runs import finished_run
 from .train import TrainConfig, TrainingDiverged, train
 
@@ -45,13 +45,34 @@ ABLATIONS = {
 }
 # rows that only some datasets have: the hidden-condition control's ceiling reads the instruction it hides
 DATASET_ROWS = {"alpaca-hidden": {"lora, instruction visible (ceiling)": {"regime": "lora", "dataset": "alpaca"}}}
+# ``--grid head-only``: the published configuration (the hyper-LoRA head alone) and its controls, every arm head-only
+# (so it trains on cached hidden states), at the published hyper-network settings and at those that give
+# conditioning its best chance: no dropout, an output that starts as a working LoRA, the frozen model's hidden
+# states as the condition (the constant twin shares them, so both see the same clusters and batches)
+BEST_CHANCE = {"hyper_dropout": 0.0, "hyper_init": "lora", "condition_source": "hidden"}
+BEST = "chameleon-head, best chance"
+HEAD_GRID = {
+    "base": {"regime": "base"},
+    "lora-head": {"regime": "lora-head"},
+    "lora-head-matched": {"regime": "lora-head-matched"},
+    "lora-head-per-cluster": {"regime": "lora-head-per-cluster"},
+    "chameleon-head": {"regime": "chameleon-head"},
+    "chameleon-head-constant": {"regime": "chameleon-head-constant"},
+    BEST: {"regime": "chameleon-head", **BEST_CHANCE},
+    "chameleon-head-constant, best chance": {"regime": "chameleon-head-constant", **BEST_CHANCE},
+}
+HEAD_K_SWEPT = ("lora-head-per-cluster", BEST, "chameleon-head-constant, best chance")  # --k-sweep
+GRIDS = ("full", "head-only")
 SHUFFLED = "chameleon, shuffled conditioning (eval only)"  # shuffled_row("chameleon")
 SHUFFLED_ROWS = ("chameleon", "chameleon-head", "chameleon, no hyper dropout")  # each gets a shuffled twin
 
 
+SHUFFLED_SUFFIX = ", shuffled conditioning (eval only)"
+
+
 def shuffled_row(name: str) -> str:
     """The row of ``name``'s runs evaluated with another cluster's centroid as condition."""
-    return f"{name}, shuffled conditioning (eval only)"
+    return name + SHUFFLED_SUFFIX
 
 
 DESCRIPTIONS = {
@@ -72,6 +93,15 @@ DESCRIPTIONS = {
     "chameleon, no hyper dropout": "chameleon with the hyper-network's dropout 0 instead of the published 0.5",
     "chameleon-constant, no hyper dropout": "chameleon-constant with the hyper-network's dropout 0",
     "lora, instruction visible (ceiling)": "lora on Alpaca with the instruction in the model's input, as usual",
+    "lora-head-matched": "static LoRA on the head only, at the rank that matches chameleon-head's parameter count",
+    "lora-head-per-cluster": "one static head LoRA per training cluster, no layer LoRA, each row using its nearest "
+                             "training centroid's",
+    "chameleon-head-constant": "chameleon-head whose hyper-network reads one learned vector instead of the batch",
+    BEST: "chameleon-head at the settings that give conditioning its best chance: hyper-network dropout 0, its output "
+          "starting as a working LoRA (`--hyper-init lora`), the frozen model's mean final hidden state over the "
+          "condition as the condition (`--condition-source hidden`)",
+    "chameleon-head-constant, best chance": "chameleon-head-constant at the best-chance settings (the same clusters "
+                                            "and batches as chameleon-head, best chance)",
     SHUFFLED: "the trained chameleon evaluated with another cluster's centroid as condition (likewise for every "
               "conditioned row: `<row>, shuffled conditioning (eval only)`)",
 }
@@ -96,13 +126,24 @@ def _slug(name: str) -> str:
 
 
 def planned_rows(
-    seeds: list[int], ablation_seeds: list[int], k_sweep: list[int], dataset: str = "",
+    seeds: list[int], ablation_seeds: list[int], k_sweep: list[int], dataset: str = "", grid: str = "full",
 ) -> dict[str, tuple[dict, list[int]]]:
+    """row name -> (its TrainConfig settings, its seeds). The head-only grid runs every arm with ``seeds``."""
+    if grid == "head-only":
+        rows = {name: (overrides, [0] if name == "base" else seeds) for name, overrides in HEAD_GRID.items()}
+        rows.update({f"{name}, k={k}": ({**HEAD_GRID[name], "k": k}, seeds) for k in k_sweep for name in HEAD_K_SWEPT})
+        return rows
     rows = {name: (overrides, [0] if name == "base" else seeds) for name, overrides in HEADLINE.items()}
     rows.update({name: (overrides, ablation_seeds) for name, overrides in ABLATIONS.items()})
     rows.update({name: (overrides, seeds) for name, overrides in DATASET_ROWS.get(dataset, {}).items()})
     rows.update({f"chameleon, k={k}": ({"regime": "chameleon", "k": k}, ablation_seeds) for k in k_sweep})
     return rows
+
+
+def has_shuffled_twin(name: str, overrides: dict, grid: str) -> bool:
+    """Whether ``name``'s runs are also reported evaluated with another cluster's condition: the full grid's
+    :data:`SHUFFLED_ROWS`, and every conditioned row of the head-only grid."""
+    return name in SHUFFLED_ROWS or (grid == "head-only" and overrides["regime"] in CONDITIONED)
 
 
 def _stats(values: list[float]) -> dict:
@@ -142,7 +183,7 @@ def selection_loss(run: dict) -> float:
 def reproduce(
     base: TrainConfig, out: str | Path, protocols: tuple[str, ...] = ("paper", "causal"), seeds: list[int] = (0,),
     ablation_seeds: list[int] = (0,), k_sweep: list[int] = (), show_progress: bool = True, collect_only: bool = False,
-    only: set[str] | None = None, lr_grid: list[float] | None = None,
+    only: set[str] | None = None, lr_grid: list[float] | None = None, grid: str = "full",
 ) -> dict:
     """Run (or, with ``collect_only``, only gather the finished runs of) the whole grid.
 
@@ -152,21 +193,26 @@ def reproduce(
     outside ``protocols`` are gathered too, so training one protocol never drops the other's table.
     ``lr_grid`` (needs ``base.selection_rows``): every trained row and seed runs each of these learning
     rates and reports the run with the lowest :func:`selection_loss`; the base row trains nothing and runs once.
+    ``grid``: ``full`` (every regime and ablation) or ``head-only`` (:data:`HEAD_GRID`, with ``k_sweep`` repeating
+    :data:`HEAD_K_SWEPT`).
     """
     lrs = check_lr_grid(lr_grid, base)
-    grid = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep), base.dataset)
-    if only is not None and (unknown := only - {f"{p}/{_slug(name)}" for p in protocols for name in grid}):
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r} (--grid); choose from {', '.join(GRIDS)}")
+    rows = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep), base.dataset, grid)
+    if only is not None and (unknown := only - {f"{p}/{_slug(name)}" for p in protocols for name in rows}):
         raise ValueError(f"--only names rows that are not in the grid: {', '.join(sorted(unknown))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")
              and not (k == "selection_rows" and v is None)}  # unset: recorded as before the setting existed
-    results = {"setup": {**setup, **({"lr_grid": lrs} if lrs else {})}, "protocols": {}}
+    extra = {**({"lr_grid": lrs} if lrs else {}), **({"grid": grid} if grid != "full" else {})}
+    results = {"setup": {**setup, **extra}, "protocols": {}}
     for protocol in PROTOCOLS:
         table, curves, diversity, not_run, first = {}, {}, {}, [], None  # first: a finished run, for the split's facts
         per_row = {}  # row -> seed -> that run's per-row losses (runs that saved them)
         timed = []  # every finished run's wall time (runs recorded before it was measured have none)
-        for name, (overrides, row_seeds) in grid.items():
+        for name, (overrides, row_seeds) in rows.items():
             runs = []
             gather = collect_only or protocol not in protocols or (
                 only is not None and f"{protocol}/{_slug(name)}" not in only)
@@ -197,7 +243,7 @@ def reproduce(
             table[name] = {**_row(runs), **({"chosen": chosen} if chosen else {})}
             curves[name] = runs[0]["history"]
             per_row[name] = _saved_rows(folders, "eval")
-            if name in SHUFFLED_ROWS:
+            if has_shuffled_twin(name, overrides, grid):
                 table[shuffled_row(name)] = {**_row(runs, "eval_shuffled_condition"), **({"chosen": chosen} if chosen else {})}
                 per_row[shuffled_row(name)] = _saved_rows(folders, "eval_shuffled_condition")
             if found := [r["adapter_diversity"] for r in runs if "adapter_diversity" in r]:
@@ -311,11 +357,41 @@ COMPARISONS = (
 )
 
 
+# the head-only grid's (:data:`HEAD_GRID`) own questions; each is asked again of its ``, k=<k>`` rows
+HEAD_COMPARISONS = (
+    ("chameleon-head", "chameleon-head-constant", "published ChameleonLLM: the conditioned head vs its constant-input twin"),
+    ("chameleon-head", "lora-head-matched", "published ChameleonLLM vs head-only LoRA with as many parameters"),
+    ("chameleon-head", "lora-head-per-cluster", "published ChameleonLLM vs one head LoRA per training cluster"),
+    (BEST, "chameleon-head-constant, best chance", "best chance: the conditioned head vs its constant-input twin"),
+    (shuffled_row(BEST), BEST, "best chance: another cluster's condition vs its own"),
+    (BEST, "lora-head-matched", "best chance vs head-only LoRA with as many parameters"),
+    (BEST, "lora-head-per-cluster", "best chance vs one head LoRA per training cluster"),
+    (BEST, "lora-head", "best chance vs the published head-only LoRA"),
+    (BEST, "chameleon-head", "the best-chance settings vs the published ones"),
+)
+
+
+def _questions(table: dict) -> list[tuple[str, str, str]]:
+    """:data:`COMPARISONS`, :data:`HEAD_COMPARISONS`, and the latter for every ``, k=<k>`` the table holds (against
+    the reference's row at that k where there is one), plus each such row against its published-rule twin."""
+    questions = [*COMPARISONS, *HEAD_COMPARISONS]
+    for k in sorted({int(found[1]) for name in table if (found := re.search(r", k=(\d+)$", name))}):
+        suffix = f", k={k}"
+        for row, reference, question in HEAD_COMPARISONS:
+            if row.endswith(SHUFFLED_SUFFIX):
+                row, reference = shuffled_row(reference + suffix), reference + suffix
+            else:
+                row, reference = row + suffix, reference + suffix if reference + suffix in table else reference
+            questions.append((row, reference, f"{question} (k={k})"))
+        questions += [(name + suffix, name, f"{name}: k={k} vs k by the published rule") for name in HEAD_K_SWEPT]
+    return questions
+
+
 def paired_comparisons(table: dict, per_row: dict[str, dict[int, dict]]) -> list[dict]:
     """Every comparison whose two rows ran: the difference of mean losses and, where both rows saved per-row
     losses, its paired bootstrap interval (``paired``; None where they did not)."""
     found = []
-    for row, reference, question in COMPARISONS:
+    for row, reference, question in _questions(table):
         if row not in table or reference not in table:
             continue
         paired = paired_difference(per_row.get(row, {}), per_row.get(reference, {}))

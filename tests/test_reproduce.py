@@ -12,8 +12,10 @@ import pytest
 
 from chameleon_core import reproduce as reproduce_module
 from chameleon_core.report import findings_section, result_sets, write_readme
+from chameleon_core.regimes import CONDITIONED, HEAD_ONLY
 from chameleon_core.reproduce import (
-    ABLATIONS, HEADLINE, SHUFFLED, SHUFFLED_ROWS, comparisons, paired_comparisons, results_markdown, shuffled_row,
+    ABLATIONS, BEST, BEST_CHANCE, HEAD_GRID, HEAD_K_SWEPT, HEADLINE, SHUFFLED, SHUFFLED_ROWS, comparisons,
+    paired_comparisons, planned_rows, reproduce, results_markdown, shuffled_row,
 )
 from chameleon_core.train import TrainConfig
 
@@ -42,6 +44,69 @@ def test_reproduce_tiny_writes_both_tables_and_curves(tiny_results):
         assert (tiny_results / f"curves-{protocol}.html").is_file()
     markdown = (tiny_results / "results.md").read_text()
     assert markdown.count("| lora-head |") == 2 and "of the scored targets are padding" in markdown
+
+
+head_grid = pytest.mark.early_run(
+    "reproduce-head-only", lambda out: [
+        sys.executable, "-m", "chameleon_core", "reproduce", "--preset", "tiny", "--grid", "head-only", "--cached-features",
+        "--protocols", "causal", "--seeds", "0,1", "--k-sweep", "2", "--epochs", "2", "--patience", "1",
+        "--selection-rows", "24", "--lr-grid", "1e-3,1e-2", "--out", str(out)],
+    minutes=0.5)
+
+
+def test_the_head_only_grid_plans_head_only_arms_and_sweeps_the_cluster_dependent_ones():
+    rows = planned_rows([0, 1, 2], [0], [8], grid="head-only")
+    assert set(HEAD_GRID) < set(rows)
+    assert {overrides["regime"] for overrides, _ in rows.values()} == {"base", *HEAD_ONLY}
+    assert rows["base"][1] == [0] and all(seeds == [0, 1, 2] for name, (_, seeds) in rows.items() if name != "base")
+    assert {name for name in rows if name.endswith(", k=8")} == {f"{name}, k=8" for name in HEAD_K_SWEPT}
+    assert rows[f"{BEST}, k=8"][0] == {"regime": "chameleon-head", **BEST_CHANCE, "k": 8}
+    assert set(planned_rows([0], [0], [], grid="full")) == set(HEADLINE) | set(ABLATIONS)  # the full grid unchanged
+
+
+def test_reproduce_refuses_an_unknown_grid(tmp_path):
+    with pytest.raises(ValueError, match="unknown grid 'heads' \\(--grid\\); choose from full, head-only"):
+        reproduce(TrainConfig(), tmp_path / "out", grid="heads")
+    assert not (tmp_path / "out").exists()
+
+
+def test_head_only_questions_are_asked_again_at_each_swept_k():
+    table = {name: _row(3.0) for name in (BEST, f"{BEST}, k=8", "chameleon-head-constant, best chance, k=8",
+                                          "lora-head-matched", shuffled_row(f"{BEST}, k=8"))}
+    asked = {(found["row"], found["reference"]) for found in paired_comparisons(table, {})}
+    assert asked == {(f"{BEST}, k=8", "chameleon-head-constant, best chance, k=8"), (f"{BEST}, k=8", "lora-head-matched"),
+                     (BEST, "lora-head-matched"), (shuffled_row(f"{BEST}, k=8"), f"{BEST}, k=8"), (f"{BEST}, k=8", BEST)}
+
+
+@head_grid
+def test_reproduce_head_only_grid_trains_every_arm_on_cached_states(early_run):
+    out, result = early_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["grid"] == "head-only" and list(results["protocols"]) == ["causal"]
+    table = results["protocols"]["causal"]["table"]
+    planned = planned_rows([0, 1], [0], [2], grid="head-only")
+    conditioned = {name for name, (overrides, _) in planned.items() if overrides["regime"] in CONDITIONED}
+    assert set(table) == set(planned) | {shuffled_row(name) for name in conditioned}
+    for name, (overrides, _) in planned.items():
+        for seed in table[name]["seeds"]:
+            folder = out / "runs" / "causal" / reproduce_module._slug(name) / f"seed{seed}"
+            if name != "base":  # the base row trains nothing, so it runs once, on the model
+                folder = next(folder.glob("lr*"))  # every grid value ran: any one tells the settings
+            config = json.loads((folder / "metrics.json").read_text())["config"]
+            assert config["cached_features"] == (name != "base") and {key: config[key] for key in overrides} == overrides
+    assert all(len(row["chosen"]) == 2 for name, row in table.items() if name != "base")
+    asked = {found["question"] for found in results["protocols"]["causal"]["paired"]}
+    assert {"best chance: the conditioned head vs its constant-input twin",
+            "best chance: the conditioned head vs its constant-input twin (k=2)",
+            "published ChameleonLLM vs head-only LoRA with as many parameters"} <= asked
+    assert all(found["paired"] for found in results["protocols"]["causal"]["paired"])  # every run saved its rows
+    # gathering the finished runs again writes the same results
+    written = (out / "results.json").read_text()
+    setup = {key: value for key, value in results["setup"].items() if key in TrainConfig.__dataclass_fields__}
+    reproduce(TrainConfig(**setup), out, ("causal",), [0, 1], [0], [2], show_progress=False, collect_only=True,
+              lr_grid=results["setup"]["lr_grid"], grid="head-only")
+    assert (out / "results.json").read_text() == written
 
 
 @tiny_grid
