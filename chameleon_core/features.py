@@ -45,12 +45,30 @@ class Features:
             hidden[j, :n], targets[j, :n] = self.hidden[i], self.targets[i]
         return hidden, targets
 
+    def pack(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(1, N, d) hidden states of the rows ``indices`` one after another, no padding, their (N,) targets and
+        (N,) row of each (0 to len(indices) - 1): for a head whose logits at a position depend on that position
+        alone, the same numbers as :meth:`collate` without computing a padded position's vocabulary-wide logits."""
+        lengths = torch.tensor([len(self.targets[i]) for i in indices])
+        hidden = torch.cat([self.hidden[i] for i in indices])[None]
+        targets = torch.cat([self.targets[i] for i in indices])
+        return hidden, targets, torch.arange(len(indices)).repeat_interleave(lengths)
+
 
 def row_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) summed loss and (B,) number of scored targets from the head's logits (B, T, V) at the cached positions:
     what :meth:`Protocol.row_terms` gives from the whole model's logits."""
-    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE, reduction="none")
+    # flattened, the vocabulary is each position's contiguous last axis (about a third faster than (B, V, T))
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE,
+                          reduction="none").view_as(targets)
     return nll.sum(1), (targets != IGNORE).sum(1)
+
+
+def packed_row_terms(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`row_terms` of :meth:`Features.pack`'s layout: logits (1, N, V), targets and rows (N,)."""
+    nll = F.cross_entropy(logits[0].float(), targets, ignore_index=IGNORE, reduction="none")  # (N,), 0 where ignored
+    scored = (targets != IGNORE).long()
+    return nll.new_zeros(n_rows).index_add(0, rows, nll), scored.new_zeros(n_rows).index_add(0, rows, scored)
 
 
 @torch.no_grad()

@@ -151,22 +151,28 @@ class ConditionedHead(nn.Module):
     def clear(self) -> None:
         self._A = self._B = self._groups = None
 
+    @property
+    def shared(self) -> bool:
+        """Whether the chosen adapters are one for every row, so that each position's logits depend on its hidden
+        state alone (positions of different rows may then be packed together: features.Features.pack)."""
+        return self._A is not None and self._A.shape[0] == 1
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self._A is None:
             raise RuntimeError(self.unconditioned_error)
         logits = self.base(h)
         A, B, groups = self._A, self._B, self._groups
+        # In place: the head's output is not saved for backward, and a second V-wide tensor would
+        # cost a copy of every logit (about a tenth of the head's time on a CPU at GPT-2 scale).
+        if A.shape[0] == 1:  # one adapter for every row (however the rows are laid out): two plain matmuls
+            flat = logits.reshape(-1, logits.shape[-1])
+            flat.addmm_((h @ A[0].T).reshape(-1, self.r), B[0].T, alpha=self.scale)  # (N*T, r) @ (r, V)
+            return flat.view_as(logits)
         rows = h.shape[0]
         if groups.numel() != rows:  # generate() may expand rows (num_return_sequences, beams)
             if rows % groups.numel():
                 raise ValueError(f"{rows} rows cannot share adapters of {groups.numel()} conditioned rows")
             groups = groups.repeat_interleave(rows // groups.numel())
-        # In place: the head's output is not saved for backward, and a second V-wide tensor would
-        # cost a copy of every logit (about a tenth of the head's time on a CPU at GPT-2 scale).
-        if A.shape[0] == 1:  # one adapter for every row: two plain matmuls
-            flat = logits.reshape(-1, logits.shape[-1])
-            flat.addmm_((h @ A[0].T).reshape(-1, self.r), B[0].T, alpha=self.scale)  # (N*T, r) @ (r, V)
-            return flat.view_as(logits)
         # Mixed batch: each row gathers its own group's A and B, so the cost does not grow with G.
         low = torch.einsum("ntd,nrd->ntr", h, A[groups])  # (N, T, r)
         logits.baddbmm_(low, B[groups].transpose(1, 2), alpha=self.scale)  # (N, T, V) += (N, T, r) @ (N, r, V)

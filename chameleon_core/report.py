@@ -74,7 +74,8 @@ def results_section(root: Path, sets: list[tuple[Path, dict]]) -> str:
     """Every ``results.md`` under a title naming its dataset and model."""
     blocks = []
     for folder, results in sets:
-        title = f"#### {_name(results)} (`{folder.relative_to(root)}/results.md`)\n\n"
+        grid = ", head-only grid" if _head_only(results) else ""
+        title = f"#### {_name(results)}{grid} (`{folder.relative_to(root)}/results.md`)\n\n"
         blocks.append(title + (folder / "results.md").read_text().replace("### ", "##### "))
     return "\n".join(blocks)
 
@@ -105,7 +106,7 @@ def _said(block: dict, row: str, reference: str) -> str | None:
 def findings_section(sets: list[tuple[Path, dict]]) -> str:
     """What the tables show, in words and numbers: the positive control, the hidden-condition control, the
     causal questions, then the published protocol and the published configuration."""
-    lines = [*_positive_control(sets), *_hidden_condition(sets), *_best_chance(sets),
+    lines = [*_positive_control(sets), *_hidden_condition(sets), *best_chance_findings(sets),
         "Correct protocol (`causal`): paired differences of validation loss (lower is better) with bootstrap 95 % "
         f"intervals over rows and seeds; *equivalent* means the whole interval lies within ±{DELTA:g} nats.",
         "",
@@ -234,7 +235,9 @@ def _hidden_condition(sets: list[tuple[Path, dict]]) -> list[str]:
                                ("chameleon, no hyper dropout", "chameleon-constant, no hyper dropout"),
                                (shuffled_row("chameleon, no hyper dropout"), "chameleon, no hyper dropout"),
                                ("chameleon", "lora-per-cluster"), ("chameleon", "base"),
-                               ("chameleon", "lora, instruction visible (ceiling)")):
+                               ("chameleon", "lora, instruction visible (ceiling)"),
+                               ("chameleon, no hyper dropout", "lora-per-cluster"), ("chameleon, no hyper dropout", "base"),
+                               ("chameleon, no hyper dropout", "lora, instruction visible (ceiling)")):
             if found := _paired(block, row, reference):
                 lines.append(f"- {found['question']}: {judged(block, row, reference)}")
         lines += ["", _uses_hidden(block), ""]
@@ -255,7 +258,7 @@ def _head_only(results: dict) -> bool:
     return results["setup"].get("grid") == "head-only"
 
 
-def _best_chance(sets: list[tuple[Path, dict]]) -> list[str]:
+def best_chance_findings(sets: list[tuple[Path, dict]]) -> list[str]:
     """The head-only grid (``reproduce --grid head-only``): the published configuration and its controls, trained
     to convergence with a learning rate chosen per run, at published and best-chance hyper-network settings."""
     lines = []
@@ -264,8 +267,7 @@ def _best_chance(sets: list[tuple[Path, dict]]) -> list[str]:
         if not _head_only(results) or block is None:
             continue
         table = block["table"]
-        swept = sorted({int(name.rsplit("=", 1)[1]) for name in table if re.fullmatch(rf"{re.escape(BEST)}, k=\d+", name)})
-        arms = [*HEAD_GRID, *(f"{name}, k={k}" for k in swept for name in HEAD_K_SWEPT)]
+        arms = [*HEAD_GRID, *(f"{name}, k={k}" for k in _swept(table) for name in HEAD_K_SWEPT)]
         seeds = max((len(table[row]["seeds"]) for row in arms if row in table and row != "base"), default=0)
         lrs = ", ".join(f"{lr:g}" for lr in setup.get("lr_grid", [setup["lr"]]))
         lines += [
@@ -278,25 +280,28 @@ def _best_chance(sets: list[tuple[Path, dict]]) -> list[str]:
             *(f"- {found['question']}: {judged(block, found['row'], found['reference'])}"
               for found in block.get("paired", [])),
             "",
-            _best_chance_words(block, ["", *(f", k={k}" for k in swept)]),
+            "In words: " + best_chance_answer(block) + ".",
             "",
         ]
     return lines
 
 
-def _best_chance_words(block: dict, suffixes: list[str]) -> str:
-    """Whether any setting of the head-only grid makes conditioning beat its constant twin and parameter-matched LoRA."""
+def _swept(table: dict) -> list[int]:
+    """The k values of a head-only grid's ``--k-sweep`` rows."""
+    return sorted({int(name.rsplit("=", 1)[1]) for name in table if re.fullmatch(rf"{re.escape(BEST)}, k=\d+", name)})
+
+
+def best_chance_answer(block: dict) -> str:
+    """Whether any setting of a head-only grid makes conditioning beat its constant twin and parameter-matched LoRA."""
     words = {"better": "beats", "worse": "loses to", "equivalent": "is equivalent to", "inconclusive": "cannot be told from"}
     answers = []
     for row, twin in (("chameleon-head", "chameleon-head-constant"), (BEST, "chameleon-head-constant, best chance")):
-        for suffix in suffixes if row == BEST else [""]:
+        for suffix in ["", *(f", k={k}" for k in _swept(block["table"]))] if row == BEST else [""]:
             constant, matched = _said(block, row + suffix, twin + suffix), _said(block, row + suffix, "lora-head-matched")
             if constant is not None and matched is not None:
                 answers.append(f"`{row + suffix}` {words[constant]} its constant-input twin and {words[matched]} head-only "
                                "LoRA with as many parameters")
-    if not answers:
-        return "In words: the answer waits for runs that have not finished yet."
-    return "In words: " + "; ".join(answers) + "."
+    return "; ".join(answers) if answers else "the answer waits for runs that have not finished yet"
 
 
 def _published(sets: list[tuple[Path, dict]]) -> list[str]:

@@ -354,6 +354,9 @@ COMPARISONS = (
     (shuffled_row("chameleon, no hyper dropout"), "chameleon, no hyper dropout",
      "without dropout: another cluster's adapter vs the batch's own"),
     ("chameleon", "lora, instruction visible (ceiling)", "ChameleonLLM, instruction hidden, vs static LoRA reading it"),
+    ("chameleon, no hyper dropout", "base", "without dropout: ChameleonLLM vs the unadapted model"),
+    ("chameleon, no hyper dropout", "lora, instruction visible (ceiling)",
+     "without dropout: ChameleonLLM, instruction hidden, vs static LoRA reading it"),
 )
 
 

@@ -32,8 +32,8 @@ from .clustering import ClusterBatchSampler, Clusters, RandomBatchSampler, fit_c
 from .data import INSTRUCTION_DATASETS, Record, load_dataset_splits
 from .embeddings import CONDITION_SOURCES
 from .features import Features, cached_features
-from .features import row_terms as feature_row_terms
-from .hyper_head import adapter_diversity, conditioned, conditioned_head
+from .features import packed_row_terms, row_terms as feature_row_terms
+from .hyper_head import ConditionedHead, adapter_diversity, conditioned, conditioned_head
 from .models import load_model, resolve_device
 from .protocols import Encoded, Protocol, get_protocol
 from .regimes import CONDITIONED, HEAD_ONLY, ROUTED, AdapterConfig, adapter_state, apply_regime, trainable_parameters
@@ -223,8 +223,13 @@ def _row_terms(model, split: Split, idx: list[int], protocol: Protocol, pad_id: 
     """(B,) summed loss and (B,) scored targets of the rows ``idx``: through the whole model, or, where the split
     carries cached features, through the model's output head alone (the same numbers for a head-only regime)."""
     if split.features is not None:
+        head = model.get_output_embeddings()
+        if not isinstance(head, ConditionedHead) or head.shared:  # each position's logits depend on it alone
+            hidden, targets, rows = split.features.pack(idx)
+            logits = head(hidden.to(device))  # (1, N, V): every scored position of the batch, no padding
+            return packed_row_terms(logits, targets.to(device), rows.to(device), len(idx))
         hidden, targets = split.features.collate(idx)
-        logits = model.get_output_embeddings()(hidden.to(device))  # (B, T, V) at the scored positions
+        logits = head(hidden.to(device))  # (B, T, V) at the scored positions
         return feature_row_terms(logits, targets.to(device))
     batch = {k: v.to(device) for k, v in protocol.collate(split.encoded, idx, pad_id).items()}
     return protocol.row_terms(protocol.forward_logits(model, batch), batch["labels"])

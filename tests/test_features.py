@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from chameleon_core import AdapterConfig, apply_regime, load_model, lora_layers
-from chameleon_core.features import cached_features, compute_features
+from chameleon_core.features import Features, cached_features, compute_features, packed_row_terms, row_terms
 from chameleon_core.hyper_head import ClusterLoRAHead, HyperLoRAHead, conditioned_head
-from chameleon_core.protocols import get_protocol
+from chameleon_core.protocols import IGNORE, get_protocol
 from chameleon_core.regimes import HEAD_ONLY
 from chameleon_core.train import Split, TrainConfig, _conditioned, _row_terms, prepare, train
 
@@ -40,7 +40,10 @@ def test_cached_states_give_the_whole_models_losses_and_gradients(regime, protoc
             head.hyper.net[-1].weight.normal_(std=0.5)
     model.eval()  # no dropout in the hyper-network: both paths see the same adapters
     cached = Split("train", train_split.encoded, train_split.labels, features)
-    for idx in ([0, 1, 2, 3], list(range(8, 16))):
+    one_cluster = [i for i, label in enumerate(train_split.labels) if label == train_split.labels[0]][:4]
+    # mixed rows and one cluster's rows: a head with one adapter for the batch reads the packed positions
+    # (Features.pack), a head with several reads the padded layout (Features.collate)
+    for idx in ([0, 1, 2, 3], list(range(8, 16)), one_cluster):
         whole = _loss_and_gradients(model, train_split, idx, config, clusters, tok.pad_token_id)
         fast = _loss_and_gradients(model, cached, idx, config, clusters, tok.pad_token_id)
         assert torch.equal(fast[1], whole[1]) and int(whole[1].sum()) > 0  # the same scored targets
@@ -49,6 +52,20 @@ def test_cached_states_give_the_whole_models_losses_and_gradients(regime, protoc
         for name, gradient in whole[2].items():
             assert gradient.abs().max() > 0
             torch.testing.assert_close(fast[2][name], gradient, rtol=0, atol=1e-5)
+
+
+def test_packed_positions_give_the_padded_layouts_row_terms():
+    torch.manual_seed(0)
+    lengths = [3, 0, 5, 1]  # a row with no scored position too
+    features = Features([torch.randn(n, 6) for n in lengths], [torch.randint(0, 11, (n,)) for n in lengths])
+    features.targets[2][1] = IGNORE  # a kept, unscored position (published protocol)
+    head = torch.nn.Linear(6, 11)
+    hidden, targets, rows = features.pack([2, 0, 1, 3])
+    assert hidden.shape == (1, 9, 6) and rows.tolist() == [0] * 5 + [1] * 3 + [3]
+    packed = packed_row_terms(head(hidden), targets, rows, 4)
+    padded = row_terms(head(features.collate([2, 0, 1, 3])[0]), features.collate([2, 0, 1, 3])[1])
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-6, atol=1e-6)
+    assert packed[1].tolist() == padded[1].tolist() == [4, 3, 0, 1]
 
 
 def test_the_cache_is_read_back_and_keyed_on_the_rows(tmp_path):

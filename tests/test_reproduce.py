@@ -79,7 +79,7 @@ def test_head_only_questions_are_asked_again_at_each_swept_k():
 
 
 @head_grid
-def test_reproduce_head_only_grid_trains_every_arm_on_cached_states(early_run):
+def test_reproduce_head_only_grid_trains_every_arm_on_cached_states(early_run, tmp_path):
     out, result = early_run
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -101,6 +101,15 @@ def test_reproduce_head_only_grid_trains_every_arm_on_cached_states(early_run):
             "best chance: the conditioned head vs its constant-input twin (k=2)",
             "published ChameleonLLM vs head-only LoRA with as many parameters"} <= asked
     assert all(found["paired"] for found in results["protocols"]["causal"]["paired"])  # every run saved its rows
+    # report words the grid in its own paragraph, not as a row of the full grids' table
+    root = tmp_path / "results"
+    (root / "grid").mkdir(parents=True)
+    for name in ("results.json", "results.md"):
+        shutil.copy(out / name, root / "grid" / name)
+    findings = findings_section(result_sets(root))
+    assert "**Conditioning's best chance (`random:tiny-gpt2`, synthetic, head-only grid" in findings
+    assert "In words: `chameleon-head` " in findings and "`chameleon-head, best chance, k=2` " in findings
+    assert "| `random:tiny-gpt2`, synthetic |" not in findings
     # gathering the finished runs again writes the same results
     written = (out / "results.json").read_text()
     setup = {key: value for key, value in results["setup"].items() if key in TrainConfig.__dataclass_fields__}
