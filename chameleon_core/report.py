@@ -270,16 +270,17 @@ def best_chance_findings(sets: list[tuple[Path, dict]]) -> list[str]:
         arms = [*HEAD_GRID, *(f"{name}, k={k}" for k in _swept(table) for name in HEAD_K_SWEPT)]
         seeds = max((len(table[row]["seeds"]) for row in arms if row in table and row != "base"), default=0)
         lrs = ", ".join(f"{lr:g}" for lr in setup.get("lr_grid", [setup["lr"]]))
+        found = [f"- {found['question']}: {judged(block, found['row'], found['reference'])}"
+                 for found in block.get("paired", [])]
         lines += [
             f"**Conditioning's best chance ({_name(results)}, head-only grid: every arm adapts the output head alone "
             f"and trains on the frozen model's cached hidden states; {block['rows']['train']:,} training rows, "
             f"{block['k']} clusters by the published rule; per run, the learning rate from {lrs} and the epoch "
-            f"(up to {setup['epochs']}) chosen on {block['rows'].get('selection', 0):,} selection rows; up to "
-            f"{seeds} seeds per arm)** Validation loss: " + ", ".join(f"{row} {_arm(table, row)}" for row in arms) + ".",
+            f"(up to {setup['epochs']}) chosen on {block['rows'].get('selection', 0):,} selection rows; "
+            + (f"seeds per arm so far: up to {seeds})** " if seeds else "no trained arm has finished yet)** ")
+            + "Validation loss: " + ", ".join(f"{row} {_arm(table, row)}" for row in arms) + ".",
             "",
-            *(f"- {found['question']}: {judged(block, found['row'], found['reference'])}"
-              for found in block.get("paired", [])),
-            "",
+            *([*found, ""] if found else []),
             "In words: " + best_chance_answer(block) + ".",
             "",
         ]
