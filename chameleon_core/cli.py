@@ -144,7 +144,8 @@ def _reproduce(args: argparse.Namespace) -> None:
     config = _train_config(args, preset_settings(args.preset, args.dataset) if args.preset else None)
     only = set(args.only) if args.only else None
     results = reproduce(config, args.out, tuple(args.protocols), args.seeds, args.ablation_seeds, args.k_sweep,
-                        collect_only=args.collect_only, only=only, lr_grid=args.lr_grid, grid=args.grid)
+                        collect_only=args.collect_only, only=only, lr_grid=args.lr_grid, grid=args.grid,
+                        lr_seed=args.lr_seed)
     print(results_markdown(results))
 
 
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rates to try, e.g. 3e-4,1e-3,3e-3 (at least 2): each trains in seed<N>/lr<value>/ and "
                    "the seed reports the one with the lowest loss on the selection rows (needs --selection-rows; "
                    "the base row trains nothing and runs once; pass the same grid with --collect-only)")
+    p.add_argument("--lr-seed", dest="lr_seed", type=int, default=None,
+                   help="with --lr-grid: only this seed runs the grid; each row's other seeds train once, at the rate "
+                   "it chose (pass it again with --collect-only)")
     p.add_argument("--grid", choices=GRIDS, default="full",
                    help="full: every regime and ablation; head-only: the published configuration (the hyper-LoRA head "
                    "alone) and its head-only controls, at published and best-chance settings (with --k-sweep, the "

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .lora import lora_disabled
-from .models import model_fingerprint
+from .models import body_fingerprint, model_fingerprint
 
 CONDITION_SOURCES = ("embeddings", "hidden")  # what a condition's vector is the mean of
 HIDDEN_BATCH = 32  # rows run through the transformer at a time for the hidden source
@@ -99,22 +99,21 @@ def embed_texts(
     cache_dir: str | Path | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Embeddings of many texts, tokenized and embedded a batch at a time (default: 512 rows, or
-    :data:`HIDDEN_BATCH` when the transformer runs), cached on disk.
+    """Embeddings of many texts, tokenized and embedded a batch at a time (default: :func:`_chunk`), cached on
+    disk with ``cache_dir``.
 
-    The cache key covers the model weights' fingerprint, the tokenizer, every text and every
-    setting, so a stale cache cannot be read back by mistake.
+    The cache key covers the model weights' fingerprint (the whole transformer's for the hidden source), the
+    tokenizer, every text and every setting, so a stale cache cannot be read back by mistake.
     """
     if source not in CONDITION_SOURCES:
         raise ValueError(f"unknown condition source {source!r}; choose from {CONDITION_SOURCES}")
-    batch_size = batch_size or (512 if source == "embeddings" else HIDDEN_BATCH)
+    batch_size = batch_size or _chunk(source)
     settings = dict(max_length=max_length, mask_padding=mask_padding, pad_to_max_length=pad_to_max_length)
     if source != "embeddings":  # the published source keeps its old keys, so its caches stay valid
         settings["source"] = source
     path = None
     if cache_dir is not None:
-        key = hashlib.blake2b(digest_size=16)
-        key.update(json.dumps([model_fingerprint(model), type(tokenizer).__name__, len(tokenizer), settings]).encode())
+        key = _key(model, source, [type(tokenizer).__name__, len(tokenizer), settings])
         for text in texts:
             key.update(text.encode("utf-8") + b"\0")
         path = Path(cache_dir) / f"embeddings-{key.hexdigest()}.safetensors"
@@ -134,8 +133,48 @@ def embed_texts(
     dim = model.get_input_embeddings().embedding_dim
     embeddings = torch.cat(chunks) if chunks else torch.empty(0, dim)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"embeddings": embeddings.contiguous()}, tmp)
-        tmp.replace(path)
+        _store(path, embeddings)
     return embeddings
+
+
+def embed_rows(
+    model: PreTrainedModel, ids: torch.Tensor, source: str = "embeddings", cache_dir: str | Path | None = None,
+) -> torch.Tensor:
+    """(N, T) token ids, every position attended and counted -> (N, d) condition vectors from ``source``, a chunk
+    of rows at a time (:func:`_chunk`); cached on disk with ``cache_dir``, keyed as :func:`embed_texts` keys."""
+    embedding = model.get_input_embeddings()
+    path = None
+    if cache_dir is not None:
+        key = _key(model, source, ["rows", source])
+        key.update(ids.numpy().tobytes() + repr(tuple(ids.shape)).encode())
+        path = Path(cache_dir) / f"rows-{key.hexdigest()}.safetensors"
+        if path.is_file():
+            return load_file(path)["embeddings"]
+    found = (torch.cat([embed_ids(model, rows.to(embedding.weight.device), source=source).cpu()
+                        for rows in ids.split(_chunk(source))]) if len(ids) else torch.empty(0, embedding.embedding_dim))
+    if path is not None:
+        _store(path, found)
+    return found
+
+
+def _chunk(source: str) -> int:
+    """Rows embedded at a time: 512 from the embedding table, :data:`HIDDEN_BATCH` when the transformer runs."""
+    return 512 if source == "embeddings" else HIDDEN_BATCH
+
+
+def _key(model: PreTrainedModel, source: str, settings: list) -> "hashlib.blake2b":
+    """A cache key started with the model's fingerprint and ``settings``; the hidden source reads every weight of
+    the transformer, so its keys cover them all."""
+    key = hashlib.blake2b(digest_size=16)
+    key.update(json.dumps([model_fingerprint(model), *settings]).encode())
+    if source != "embeddings":
+        key.update(body_fingerprint(model).encode())
+    return key
+
+
+def _store(path: Path, embeddings: torch.Tensor) -> None:
+    """Write ``embeddings`` to ``path`` through a temporary name, so a crash never leaves half a cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"embeddings": embeddings.contiguous()}, tmp)
+    tmp.replace(path)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .models import default_cache_dir, model_fingerprint
+from .models import body_fingerprint, default_cache_dir, model_fingerprint
 from .protocols import IGNORE, Encoded, Protocol
 
 
@@ -103,9 +103,7 @@ def cached_features(
     the same model has already run on the same rows: the key covers the weights' fingerprint, the protocol,
     the padding id and every row's token ids and labels, so a stale file cannot be read by mistake."""
     key = hashlib.blake2b(digest_size=16)
-    key.update(json.dumps([model_fingerprint(model), protocol.name, pad_id]).encode())
-    for name, parameter in model.base_model.named_parameters():  # the whole body: the fingerprint reads its embeddings
-        key.update(name.encode() + parameter.detach().float().cpu().numpy().tobytes())
+    key.update(json.dumps([model_fingerprint(model), body_fingerprint(model), protocol.name, pad_id]).encode())
     for ids, labels in zip(encoded.input_ids, encoded.labels):
         key.update(ids.numpy().tobytes() + b"|" + labels.numpy().tobytes() + b"\0")
     path = Path(cache_dir or default_cache_dir() / "features") / f"features-{key.hexdigest()}.safetensors"

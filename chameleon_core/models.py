@@ -241,3 +241,12 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     digest.update(f"{config.model_type}:{config.vocab_size}:{config.hidden_size}:{config.num_hidden_layers}".encode())
     digest.update(model.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def body_fingerprint(model: PreTrainedModel) -> str:
+    """Identifies every weight of the transformer (its ``base_model``): what its hidden states depend on, where
+    :func:`model_fingerprint` reads the input embeddings alone. Slower (it hashes them all): for disk caches."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name, parameter in model.base_model.named_parameters():
+        digest.update(name.encode() + parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()

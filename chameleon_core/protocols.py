@@ -17,6 +17,7 @@ scored tokens (WikiText: the first ``context_tokens``; Alpaca: the instruction a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import Record
-from .embeddings import HIDDEN_BATCH, embed_ids, embed_texts
+from .embeddings import embed_rows, embed_texts
+from .models import default_cache_dir
 
 IGNORE = -100
 PAPER_IGNORE_ID = 0  # the published ignore_index (GPT-2's "!"), also applied to its attention mask
@@ -45,14 +47,11 @@ class Encoded:
         return len(self.input_ids)
 
 
-def _embed_ids(model: PreTrainedModel, ids: torch.Tensor, source: str = "embeddings") -> torch.Tensor:
-    """(N, T) token ids, every position attended and counted -> (N, d) condition vectors from ``source``,
-    a chunk of rows at a time."""
-    embedding = model.get_input_embeddings()
-    if not len(ids):
-        return torch.empty(0, embedding.embedding_dim)
-    chunk = 512 if source == "embeddings" else HIDDEN_BATCH
-    return torch.cat([embed_ids(model, rows.to(embedding.weight.device), source=source).cpu() for rows in ids.split(chunk)])
+def _cache(source: str) -> Path | None:
+    """Where a split's conditions are kept: the hidden source runs the whole transformer over every condition, the
+    same in every run of a grid, so it is read back from disk (beside the cached features); embedding-table means
+    cost less than reading a file."""
+    return None if source == "embeddings" else default_cache_dir() / "conditions"
 
 
 def _source(source: str) -> dict:
@@ -153,10 +152,10 @@ class CausalProtocol(Protocol):
         kept = [records[i] for i in keep]
         if instruction_data:
             embed = self.embedding_settings(instruction_data, max_length, context_tokens, source)
-            embeddings = embed_texts(model, tokenizer, [r.condition for r in kept], **embed)
+            embeddings = embed_texts(model, tokenizer, [r.condition for r in kept], **embed, cache_dir=_cache(source))
         else:  # the first context_tokens are what a deployed model has seen before it must predict
             heads = torch.tensor([ids[:context_tokens] for ids in rows_ids], dtype=torch.long).reshape(-1, context_tokens)
-            embeddings = _embed_ids(model, heads, source)
+            embeddings = embed_rows(model, heads, source, cache_dir=_cache(source))
         return Encoded(
             [torch.tensor(x) for x in rows_ids], [torch.tensor(x) for x in rows_labels], embeddings,
             [r.condition for r in kept], len(records) - len(kept),
@@ -193,9 +192,9 @@ class PaperProtocol(Protocol):
         share = float((last_is_pad & scored).sum() / scored.sum().clamp(min=1))
         if instruction_data:
             embed = self.embedding_settings(instruction_data, max_length, context_tokens, source)
-            embeddings = embed_texts(model, tokenizer, [r.condition for r in records], **embed)
+            embeddings = embed_texts(model, tokenizer, [r.condition for r in records], **embed, cache_dir=_cache(source))
         else:  # published WikiText: the whole (padded) row conditions, scored token included
-            embeddings = _embed_ids(model, ids, source)
+            embeddings = embed_rows(model, ids, source, cache_dir=_cache(source))
         return Encoded(list(ids), list(labels), embeddings, [r.condition for r in records], 0, share)
 
     def collate(self, encoded: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:

@@ -270,6 +270,8 @@ def best_chance_findings(sets: list[tuple[Path, dict]]) -> list[str]:
         arms = [*HEAD_GRID, *(f"{name}, k={k}" for k in _swept(table) for name in HEAD_K_SWEPT)]
         seeds = max((len(table[row]["seeds"]) for row in arms if row in table and row != "base"), default=0)
         lrs = ", ".join(f"{lr:g}" for lr in setup.get("lr_grid", [setup["lr"]]))
+        if setup.get("lr_seed") is not None:
+            lrs += f" (on seed {setup['lr_seed']}; the other seeds train at the rate it chose)"
         found = [f"- {found['question']}: {judged(block, found['row'], found['reference'])}"
                  for found in block.get("paired", [])]
         lines += [

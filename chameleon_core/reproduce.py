@@ -4,7 +4,8 @@ Writes ``results.json``, ``results.md`` (the paper-style tables) and plotly lear
 Each run lives in ``runs/<protocol>/<row>/seed<N>/`` and is skipped when already complete, so
 an interrupted ``reproduce`` picks up where it stopped. With a learning-rate grid each of its
 values trains in ``seed<N>/lr<value>/`` and the seed reports the one with the lowest loss on the
-selection rows (``--selection-rows``), never looking at the reported split.
+selection rows (``--selection-rows``), never looking at the reported split. With ``--lr-seed`` only that seed
+runs the grid, and the row's other seeds train at the learning rate it chose.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def selection_loss(run: dict) -> float:
 def reproduce(
     base: TrainConfig, out: str | Path, protocols: tuple[str, ...] = ("paper", "causal"), seeds: list[int] = (0,),
     ablation_seeds: list[int] = (0,), k_sweep: list[int] = (), show_progress: bool = True, collect_only: bool = False,
-    only: set[str] | None = None, lr_grid: list[float] | None = None, grid: str = "full",
+    only: set[str] | None = None, lr_grid: list[float] | None = None, grid: str = "full", lr_seed: int | None = None,
 ) -> dict:
     """Run (or, with ``collect_only``, only gather the finished runs of) the whole grid.
 
@@ -194,19 +195,26 @@ def reproduce(
     ``lr_grid`` (needs ``base.selection_rows``): every trained row and seed runs each of these learning
     rates and reports the run with the lowest :func:`selection_loss`; the base row trains nothing and runs once.
     ``grid``: ``full`` (every regime and ablation) or ``head-only`` (:data:`HEAD_GRID`, with ``k_sweep`` repeating
-    :data:`HEAD_K_SWEPT`).
+    :data:`HEAD_K_SWEPT`). ``lr_seed``: only this seed of each row runs the grid; the row's other seeds train once,
+    at the learning rate it chose (a third of the runs for a grid of three; each seed still stops on its own epoch).
     """
     lrs = check_lr_grid(lr_grid, base)
+    if lr_seed is not None and lrs is None:
+        raise ValueError("--lr-seed names the seed whose learning-rate grid the others follow: pass --lr-grid too")
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r} (--grid); choose from {', '.join(GRIDS)}")
     rows = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep), base.dataset, grid)
+    if lr_seed is not None and (lacking := [name for name, (_, found) in rows.items() if name != "base" and lr_seed not in found]):
+        raise ValueError(f"--lr-seed {lr_seed} is not among the seeds of {', '.join(lacking)}: every row it chooses for "
+                         "must run it (--seeds, --ablation-seeds)")
     if only is not None and (unknown := only - {f"{p}/{_slug(name)}" for p in protocols for name in rows}):
         raise ValueError(f"--only names rows that are not in the grid: {', '.join(sorted(unknown))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in base.__dict__.items() if k not in ("regime", "protocol", "seed")
              and not (k == "selection_rows" and v is None)}  # unset: recorded as before the setting existed
-    extra = {**({"lr_grid": lrs} if lrs else {}), **({"grid": grid} if grid != "full" else {})}
+    extra = {**({"lr_grid": lrs} if lrs else {}), **({"lr_seed": lr_seed} if lr_seed is not None else {}),
+             **({"grid": grid} if grid != "full" else {})}
     results = {"setup": {**setup, **extra}, "protocols": {}}
     for protocol in PROTOCOLS:
         table, curves, diversity, not_run, first = {}, {}, {}, [], None  # first: a finished run, for the split's facts
@@ -223,12 +231,14 @@ def reproduce(
             if gather:  # every seed that finished, so a command naming fewer seeds never shrinks a table
                 row_seeds = sorted({*row_seeds, *(int(f.name[4:]) for f in row.glob("seed*") if f.name[4:].isdigit())})
             folders, chosen = {}, []  # seed -> the folder of its reported run; with a grid, what each seed chose
-            for seed in row_seeds:
+            for seed in sorted(row_seeds, key=lambda s: s != lr_seed):  # the seed that chooses for the others first
                 config = replace(base, protocol=protocol, seed=seed, **{**overrides, "cached_features": cached})
                 folder, label = row / f"seed{seed}", f"[{protocol}] {name} seed {seed}"
                 if lrs and config.regime != "base":
-                    done, folder, choice, swept = _sweep(config, folder, lrs, gather, head_only, show_progress, label)
-                    chosen += [{"seed": seed, **choice}] if done else []
+                    values = lrs if lr_seed in (None, seed) else [c["lr"] for c in chosen if c["seed"] == lr_seed]
+                    done, folder, choice, swept = _sweep(config, folder, values, gather, head_only, show_progress, label)
+                    followed = {"chosen_on_seed": lr_seed} if values is not lrs else {}
+                    chosen += [{"seed": seed, **choice, **followed}] if done else []
                     timed += [r.get("wall_seconds") for r in swept]  # every grid value's run took its time
                 else:
                     done = _run_or_gather(config, folder, gather, head_only, show_progress, label)
@@ -430,8 +440,11 @@ def results_markdown(results: dict) -> str:
     if setup.get("patience"):
         epochs = (f"up to {epochs}, stopped once the {validated} loss had not improved for "
                   f"{_count(setup['patience'], 'epoch')} (the best epoch's adapters are kept)")
-    lr = (f"lr chosen per run from {', '.join(f'{value:g}' for value in setup['lr_grid'])}" if setup.get("lr_grid")
-          else f"lr {setup['lr']}")
+    lr = f"lr {setup['lr']}"
+    if setup.get("lr_grid"):
+        values = ", ".join(f"{value:g}" for value in setup["lr_grid"])
+        lr = (f"lr chosen per run from {values}" if setup.get("lr_seed") is None else f"lr chosen per row from "
+              f"{values} by seed {setup['lr_seed']}'s runs (the row's other seeds train at the rate it chose)")
     lines = [
         f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {epochs}, batch {setup['batch_size']}, "
         f"rank {setup['rank']}, alpha {setup['alpha']:g} (scale alpha / rank = {setup['alpha'] / setup['rank']:g}), "

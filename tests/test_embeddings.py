@@ -7,7 +7,9 @@ import torch
 
 from chameleon_core import embed_texts, inject_lora, mean_embedding
 from chameleon_core import embeddings as embeddings_module
+from chameleon_core.embeddings import embed_rows
 from chameleon_core.lora import default_targets, lora_layers, merge_lora
+from chameleon_core.models import model_fingerprint
 
 
 def test_masked_mean_is_the_mean_of_the_real_tokens(tiny, batch):
@@ -72,6 +74,32 @@ def test_cache_returns_the_same_tensor_without_recomputing(tiny_gpt2, texts, tmp
     with torch.no_grad():
         model.get_input_embeddings().weight.add_(0.1 * torch.randn_like(model.get_input_embeddings().weight))
     assert not torch.equal(embed(), first) and len(calls) == 5  # other weights: never a stale read
+
+
+def test_the_hidden_source_cache_is_read_back_and_covers_every_weight_of_the_transformer(tiny, texts, tmp_path, monkeypatch):
+    """A grid's runs read one split's hidden-state conditions from disk; a change to any weight of the body (which
+    the input-embedding fingerprint does not see) is a new entry, never a stale read."""
+    model, tokenizer = tiny
+    calls, real = [], embeddings_module.mean_hidden_state
+    monkeypatch.setattr(embeddings_module, "mean_hidden_state", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    ids = tokenizer(texts, return_tensors="pt", padding=True)["input_ids"]
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        return (embed_texts(model, tokenizer, texts, source="hidden", cache_dir=tmp_path),
+                embed_rows(model, ids, "hidden", cache_dir=tmp_path))
+
+    first = both()
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2
+    again = both()
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(again, first))  # read back, not recomputed
+    torch.testing.assert_close(first[1], embed_rows(model, ids, "hidden"), rtol=0, atol=0)  # as computed uncached
+    calls.clear()
+    fingerprint = model_fingerprint(model)
+    with torch.no_grad():
+        list(model.base_model.parameters())[-1].add_(0.5)  # the final norm's
+    assert model_fingerprint(model) == fingerprint  # the input embeddings did not change
+    changed = both()
+    assert len(calls) == 2 and not any(torch.equal(a, b) for a, b in zip(changed, first))
 
 
 def test_an_all_padding_row_does_not_divide_by_zero(tiny_gpt2):

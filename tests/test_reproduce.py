@@ -377,7 +377,9 @@ def _swept_run(config, folder) -> dict:
     return run
 
 
-def test_a_learning_rate_grid_reports_the_run_with_the_lowest_selection_loss(tmp_path, monkeypatch):
+def _train_as_swept(tmp_path, monkeypatch) -> list[str]:
+    """Make ``reproduce`` train as :data:`SWEPT` scripts (a folder trains once, then is found finished); returns
+    the list each training call appends its folder to."""
     finished, trained = {}, []
 
     def fake_train(config, folder, **_):
@@ -387,6 +389,11 @@ def test_a_learning_rate_grid_reports_the_run_with_the_lowest_selection_loss(tmp
     monkeypatch.setattr(reproduce_module, "train", fake_train)
     monkeypatch.setattr(reproduce_module, "finished_run",
                         lambda folder, config: (run := finished.get(folder)) and run["config"]["lr"] == config.lr and run or None)
+    return trained
+
+
+def test_a_learning_rate_grid_reports_the_run_with_the_lowest_selection_loss(tmp_path, monkeypatch):
+    trained = _train_as_swept(tmp_path, monkeypatch)
     base = TrainConfig(selection_rows=8)
     results = reproduce_module.reproduce(base, tmp_path, protocols=("causal",), seeds=[0, 1, 2], show_progress=False,
                                          only={"causal/base", "causal/lora", "causal/chameleon"}, lr_grid=[3e-4, 1e-3, 3e-3])
@@ -416,6 +423,33 @@ def test_a_learning_rate_grid_reports_the_run_with_the_lowest_selection_loss(tmp
                                           collect_only=True, lr_grid=[3e-4, 1e-3, 3e-3])
     assert gathered["protocols"]["causal"]["table"]["chameleon"] == table["chameleon"]  # resumable: gathered the same
     assert len(trained) == 19  # and nothing trained again
+
+
+def test_with_an_lr_seed_the_other_seeds_train_once_at_the_rate_it_chose(tmp_path, monkeypatch):
+    trained = _train_as_swept(tmp_path, monkeypatch)
+    base, grid = TrainConfig(selection_rows=8), [3e-4, 1e-3, 3e-3]
+    results = reproduce_module.reproduce(base, tmp_path, protocols=("causal",), seeds=[0, 1, 2], show_progress=False,
+                                         only={"causal/chameleon"}, lr_grid=grid, lr_seed=0)
+    assert trained == [f"runs/causal/chameleon/seed0/lr{lr}" for lr in ("0.0003", "0.001", "0.003")] + [
+        "runs/causal/chameleon/seed1/lr0.001", "runs/causal/chameleon/seed2/lr0.001"]  # seed 0 chose 1e-3
+    chosen = results["protocols"]["causal"]["table"]["chameleon"]["chosen"]
+    assert [(c["seed"], c["lr"], c["epoch"], c.get("chosen_on_seed")) for c in chosen] == [
+        (0, 1e-3, 2, None), (1, 1e-3, 2, 0), (2, 1e-3, 2, 0)]
+    assert chosen[1]["grid"] == [{"lr": 1e-3, "selection_loss": 2.5}]
+    assert results["setup"]["lr_seed"] == 0
+    assert "lr chosen per row from 0.0003, 0.001, 0.003 by seed 0's runs" in (tmp_path / "results.md").read_text()
+    gathered = reproduce_module.reproduce(base, tmp_path, protocols=("causal",), seeds=[0], show_progress=False,
+                                          collect_only=True, lr_grid=grid, lr_seed=0)
+    assert gathered["protocols"]["causal"]["table"]["chameleon"] == results["protocols"]["causal"]["table"]["chameleon"]
+    assert len(trained) == 5  # nothing trained again
+
+
+@pytest.mark.parametrize("settings, message", [({"lr_seed": 0}, "pass --lr-grid too"),
+                                               ({"lr_seed": 3, "lr_grid": [1e-3, 3e-3]}, "--lr-seed 3 is not among the seeds of lora-head")])
+def test_an_lr_seed_without_a_grid_or_outside_the_seeds_is_refused(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        reproduce_module.reproduce(TrainConfig(selection_rows=8), tmp_path / "out", seeds=[0, 1], **settings)
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_a_grid_the_table_has_no_chosen_columns_and_the_setup_no_new_settings(tmp_path, monkeypatch):
