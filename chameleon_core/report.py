@@ -90,6 +90,10 @@ def _paired(block: dict, row: str, reference: str) -> dict | None:
     return next((found for found in block.get("paired", []) if (found["row"], found["reference"]) == (row, reference)), None)
 
 
+# a paired verdict (:func:`~chameleon_core.paired.verdict`) as the verb of "<row> ... <reference>"
+VERBS = {"better": "beats", "worse": "loses to", "equivalent": "is equivalent to", "inconclusive": "cannot be told from"}
+
+
 def judged(block: dict, row: str, reference: str) -> str:
     """``-0.0017 [-0.0031, -0.0004]: equivalent within ±0.005 (...)``: a paired difference in words."""
     if (found := _paired(block, row, reference)) is None:
@@ -144,11 +148,10 @@ def _verdict(results: dict, block: dict) -> str:
     constant, per_cluster = _said(block, "chameleon", "chameleon-constant"), _said(block, "chameleon", "lora-per-cluster")
     if constant is None or per_cluster is None:
         return f"- **{name}:** {adapted}No paired verdict on conditioning: these runs saved no per-row losses (*)."
-    words = {"better": "beats", "worse": "loses to", "equivalent": "is equivalent to", "inconclusive": "cannot be told from"}
-    answer = (f"ChameleonLLM {words[constant]} the constant-input hyper-network and {words[per_cluster]} one static "
+    answer = (f"ChameleonLLM {VERBS[constant]} the constant-input hyper-network and {VERBS[per_cluster]} one static "
               "head LoRA per cluster")
     matched = _said(block, "chameleon", "lora-matched")
-    tail = "" if matched is None else f"; it {words[matched]} static LoRA with as many parameters"
+    tail = "" if matched is None else f"; it {VERBS[matched]} static LoRA with as many parameters"
     return f"- **{name}:** {adapted}{answer}{tail} (paired 95 % intervals in the table)."
 
 
@@ -296,13 +299,12 @@ def _swept(table: dict) -> list[int]:
 
 def best_chance_answer(block: dict) -> str:
     """Whether any setting of a head-only grid makes conditioning beat its constant twin and parameter-matched LoRA."""
-    words = {"better": "beats", "worse": "loses to", "equivalent": "is equivalent to", "inconclusive": "cannot be told from"}
     answers = []
     for row, twin in (("chameleon-head", "chameleon-head-constant"), (BEST, "chameleon-head-constant, best chance")):
         for suffix in ["", *(f", k={k}" for k in _swept(block["table"]))] if row == BEST else [""]:
             constant, matched = _said(block, row + suffix, twin + suffix), _said(block, row + suffix, "lora-head-matched")
             if constant is not None and matched is not None:
-                answers.append(f"`{row + suffix}` {words[constant]} its constant-input twin and {words[matched]} head-only "
+                answers.append(f"`{row + suffix}` {VERBS[constant]} its constant-input twin and {VERBS[matched]} head-only "
                                "LoRA with as many parameters")
     return "; ".join(answers) if answers else "the answer waits for runs that have not finished yet"
 

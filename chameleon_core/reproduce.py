@@ -64,11 +64,9 @@ HEAD_GRID = {
 }
 HEAD_K_SWEPT = ("lora-head-per-cluster", BEST, "chameleon-head-constant, best chance")  # --k-sweep
 GRIDS = ("full", "head-only")
-SHUFFLED = "chameleon, shuffled conditioning (eval only)"  # shuffled_row("chameleon")
-SHUFFLED_ROWS = ("chameleon", "chameleon-head", "chameleon, no hyper dropout")  # each gets a shuffled twin
-
-
 SHUFFLED_SUFFIX = ", shuffled conditioning (eval only)"
+SHUFFLED = "chameleon" + SHUFFLED_SUFFIX  # shuffled_row("chameleon")
+SHUFFLED_ROWS = ("chameleon", "chameleon-head", "chameleon, no hyper dropout")  # each gets a shuffled twin
 
 
 def shuffled_row(name: str) -> str:
