@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", choices=GRIDS, default="full",
                    help="full: every regime and ablation; head-only: the published configuration (the hyper-LoRA head "
                    "alone) and its head-only controls, at published and best-chance settings (with --k-sweep, the "
-                   "cluster-dependent arms again at each k); pass --cached-features to train them on cached states")
+                   "cluster-dependent arms again at each k); pass --cached-features to train them on cached states; "
+                   "best-chance: chameleon and chameleon-constant (layer LoRA included) at the best-chance settings")
     p.set_defaults(run=_reproduce)
 
     p = commands.add_parser("report", help="write the committed results and bench figures into README.md")

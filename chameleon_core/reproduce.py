@@ -5,7 +5,9 @@ Each run lives in ``runs/<protocol>/<row>/seed<N>/`` and is skipped when already
 an interrupted ``reproduce`` picks up where it stopped. With a learning-rate grid each of its
 values trains in ``seed<N>/lr<value>/`` and the seed reports the one with the lowest loss on the
 selection rows (``--selection-rows``), never looking at the reported split. With ``--lr-seed`` only that seed
-runs the grid, and the row's other seeds train at the learning rate it chose.
+runs the grid, and the row's other seeds train at the learning rate it chose. ``--grid`` picks the rows: every
+regime and ablation (``full``), the published head-only configuration and its controls (``head-only``), or the
+full model's decisive comparison at the settings that give conditioning its best chance (``best-chance``).
 """
 
 from __future__ import annotations
@@ -63,7 +65,15 @@ HEAD_GRID = {
     "chameleon-head-constant, best chance": {"regime": "chameleon-head-constant", **BEST_CHANCE},
 }
 HEAD_K_SWEPT = ("lora-head-per-cluster", BEST, "chameleon-head-constant, best chance")  # --k-sweep
-GRIDS = ("full", "head-only")
+# ``--grid best-chance``: the full model (static LoRA on every projection + the hyper-LoRA head) conditioned and with
+# a constant input, both at the best-chance settings: does conditioning matter once the layers adapt too?
+FULL_BEST = "chameleon, best chance"
+BEST_GRID = {
+    "base": {"regime": "base"},
+    FULL_BEST: {"regime": "chameleon", **BEST_CHANCE},
+    "chameleon-constant, best chance": {"regime": "chameleon-constant", **BEST_CHANCE},
+}
+GRIDS = ("full", "head-only", "best-chance")
 SHUFFLED_SUFFIX = ", shuffled conditioning (eval only)"
 SHUFFLED = "chameleon" + SHUFFLED_SUFFIX  # shuffled_row("chameleon")
 SHUFFLED_ROWS = ("chameleon", "chameleon-head", "chameleon, no hyper dropout")  # each gets a shuffled twin
@@ -101,6 +111,10 @@ DESCRIPTIONS = {
           "condition as the condition (`--condition-source hidden`)",
     "chameleon-head-constant, best chance": "chameleon-head-constant at the best-chance settings (the same clusters "
                                             "and batches as chameleon-head, best chance)",
+    FULL_BEST: "chameleon (static LoRA on every projection + the hyper-LoRA head) at the best-chance settings of "
+               "chameleon-head, best chance",
+    "chameleon-constant, best chance": "chameleon-constant at the best-chance settings (the same clusters and batches "
+                                       "as chameleon, best chance)",
     SHUFFLED: "the trained chameleon evaluated with another cluster's centroid as condition (likewise for every "
               "conditioned row: `<row>, shuffled conditioning (eval only)`)",
 }
@@ -127,7 +141,10 @@ def _slug(name: str) -> str:
 def planned_rows(
     seeds: list[int], ablation_seeds: list[int], k_sweep: list[int], dataset: str = "", grid: str = "full",
 ) -> dict[str, tuple[dict, list[int]]]:
-    """row name -> (its TrainConfig settings, its seeds). The head-only grid runs every arm with ``seeds``."""
+    """row name -> (its TrainConfig settings, its seeds). The head-only and best-chance grids run every arm with
+    ``seeds``."""
+    if grid == "best-chance":
+        return {name: (overrides, [0] if name == "base" else seeds) for name, overrides in BEST_GRID.items()}
     if grid == "head-only":
         rows = {name: (overrides, [0] if name == "base" else seeds) for name, overrides in HEAD_GRID.items()}
         rows.update({f"{name}, k={k}": ({**HEAD_GRID[name], "k": k}, seeds) for k in k_sweep for name in HEAD_K_SWEPT})
@@ -141,8 +158,8 @@ def planned_rows(
 
 def has_shuffled_twin(name: str, overrides: dict, grid: str) -> bool:
     """Whether ``name``'s runs are also reported evaluated with another cluster's condition: the full grid's
-    :data:`SHUFFLED_ROWS`, and every conditioned row of the head-only grid."""
-    return name in SHUFFLED_ROWS or (grid == "head-only" and overrides["regime"] in CONDITIONED)
+    :data:`SHUFFLED_ROWS`, and every conditioned row of the other grids."""
+    return name in SHUFFLED_ROWS or (grid != "full" and overrides["regime"] in CONDITIONED)
 
 
 def _stats(values: list[float]) -> dict:
@@ -192,8 +209,8 @@ def reproduce(
     outside ``protocols`` are gathered too, so training one protocol never drops the other's table.
     ``lr_grid`` (needs ``base.selection_rows``): every trained row and seed runs each of these learning
     rates and reports the run with the lowest :func:`selection_loss`; the base row trains nothing and runs once.
-    ``grid``: ``full`` (every regime and ablation) or ``head-only`` (:data:`HEAD_GRID`, with ``k_sweep`` repeating
-    :data:`HEAD_K_SWEPT`). ``lr_seed``: only this seed of each row runs the grid; the row's other seeds train once,
+    ``grid``: ``full`` (every regime and ablation), ``head-only`` (:data:`HEAD_GRID`, with ``k_sweep`` repeating
+    :data:`HEAD_K_SWEPT`) or ``best-chance`` (:data:`BEST_GRID`, at one k). ``lr_seed``: only this seed of each row runs the grid; the row's other seeds train once,
     at the learning rate it chose (a third of the runs for a grid of three; each seed still stops on its own epoch).
     """
     lrs = check_lr_grid(lr_grid, base)
@@ -201,6 +218,9 @@ def reproduce(
         raise ValueError("--lr-seed names the seed whose learning-rate grid the others follow: pass --lr-grid too")
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r} (--grid); choose from {', '.join(GRIDS)}")
+    if grid == "best-chance" and k_sweep:
+        raise ValueError("--k-sweep repeats rows of the full and head-only grids; the best-chance grid runs at one k "
+                         "(--k)")
     rows = planned_rows(list(seeds), list(ablation_seeds), list(k_sweep), base.dataset, grid)
     if lr_seed is not None and (lacking := [name for name, (_, found) in rows.items() if name != "base" and lr_seed not in found]):
         raise ValueError(f"--lr-seed {lr_seed} is not among the seeds of {', '.join(lacking)}: every row it chooses for "
@@ -233,9 +253,10 @@ def reproduce(
                 config = replace(base, protocol=protocol, seed=seed, **{**overrides, "cached_features": cached})
                 folder, label = row / f"seed{seed}", f"[{protocol}] {name} seed {seed}"
                 if lrs and config.regime != "base":
-                    values = lrs if lr_seed in (None, seed) else [c["lr"] for c in chosen if c["seed"] == lr_seed]
+                    follows = lr_seed not in (None, seed)  # trains once, at the rate the lr seed chose
+                    values = [c["lr"] for c in chosen if c["seed"] == lr_seed] if follows else lrs
                     done, folder, choice, swept = _sweep(config, folder, values, gather, head_only, show_progress, label)
-                    followed = {"chosen_on_seed": lr_seed} if values is not lrs else {}
+                    followed = {"chosen_on_seed": lr_seed} if follows else {}
                     chosen += [{"seed": seed, **choice, **followed}] if done else []
                     timed += [r.get("wall_seconds") for r in swept]  # every grid value's run took its time
                 else:
@@ -380,12 +401,19 @@ HEAD_COMPARISONS = (
     (BEST, "lora-head", "best chance vs the published head-only LoRA"),
     (BEST, "chameleon-head", "the best-chance settings vs the published ones"),
 )
+# the best-chance grid's (:data:`BEST_GRID`) questions
+FULL_BEST_COMPARISONS = (
+    (FULL_BEST, "chameleon-constant, best chance",
+     "full model at the best-chance settings: the conditioned hyper-network vs the same one with a constant input"),
+    (shuffled_row(FULL_BEST), FULL_BEST, "full model at the best-chance settings: another cluster's condition vs its own"),
+    (FULL_BEST, "base", "full model at the best-chance settings: ChameleonLLM vs the unadapted model"),
+)
 
 
 def _questions(table: dict) -> list[tuple[str, str, str]]:
-    """:data:`COMPARISONS`, :data:`HEAD_COMPARISONS`, and the latter for every ``, k=<k>`` the table holds (against
+    """:data:`COMPARISONS`, :data:`HEAD_COMPARISONS`, :data:`FULL_BEST_COMPARISONS`, and the second for every ``, k=<k>`` the table holds (against
     the reference's row at that k where there is one), plus each such row against its published-rule twin."""
-    questions = [*COMPARISONS, *HEAD_COMPARISONS]
+    questions = [*COMPARISONS, *HEAD_COMPARISONS, *FULL_BEST_COMPARISONS]
     for k in sorted({int(found[1]) for name in table if (found := re.search(r", k=(\d+)$", name))}):
         suffix = f", k={k}"
         for row, reference, question in HEAD_COMPARISONS:
@@ -443,10 +471,13 @@ def results_markdown(results: dict) -> str:
         values = ", ".join(f"{value:g}" for value in setup["lr_grid"])
         lr = (f"lr chosen per run from {values}" if setup.get("lr_seed") is None else f"lr chosen per row from "
               f"{values} by seed {setup['lr_seed']}'s runs (the row's other seeds train at the rate it chose)")
+    # the other grids set the hyper-network per row (the rows' descriptions say how)
+    hyper = (f"hyper-network dropout {setup['hyper_dropout']:g}" if setup.get("grid", "full") == "full"
+             else "hyper-network settings per row (below)")
     lines = [
         f"Model `{setup['model']}`, dataset `{setup['dataset']}`, {epochs}, batch {setup['batch_size']}, "
         f"rank {setup['rank']}, alpha {setup['alpha']:g} (scale alpha / rank = {setup['alpha'] / setup['rank']:g}), "
-        f"hyper-network dropout {setup['hyper_dropout']:g}, {lr}; rows of at most {setup['max_length']} tokens. "
+        f"{hyper}, {lr}; rows of at most {setup['max_length']} tokens. "
         "Mean ± std over seeds where n > 1; steps: optimizer steps per run.",
         "",
     ]

@@ -14,7 +14,7 @@ from chameleon_core import reproduce as reproduce_module
 from chameleon_core.report import findings_section, result_sets, write_readme
 from chameleon_core.regimes import CONDITIONED, HEAD_ONLY
 from chameleon_core.reproduce import (
-    ABLATIONS, BEST, BEST_CHANCE, HEAD_GRID, HEAD_K_SWEPT, HEADLINE, SHUFFLED, SHUFFLED_ROWS, comparisons,
+    ABLATIONS, BEST, BEST_CHANCE, BEST_GRID, FULL_BEST, HEAD_GRID, HEAD_K_SWEPT, HEADLINE, SHUFFLED, SHUFFLED_ROWS, comparisons,
     paired_comparisons, planned_rows, reproduce, results_markdown, shuffled_row,
 )
 from chameleon_core.train import TrainConfig
@@ -65,7 +65,7 @@ def test_the_head_only_grid_plans_head_only_arms_and_sweeps_the_cluster_dependen
 
 
 def test_reproduce_refuses_an_unknown_grid(tmp_path):
-    with pytest.raises(ValueError, match="unknown grid 'heads' \\(--grid\\); choose from full, head-only"):
+    with pytest.raises(ValueError, match="unknown grid 'heads' \\(--grid\\); choose from full, head-only, best-chance"):
         reproduce(TrainConfig(), tmp_path / "out", grid="heads")
     assert not (tmp_path / "out").exists()
 
@@ -461,6 +461,38 @@ def test_without_a_grid_the_table_has_no_chosen_columns_and_the_setup_no_new_set
     markdown = results_markdown(results)
     assert "| Regime | Trainable params | Steps | Train loss | Val loss | Val ppl | Seeds |\n" in markdown
     assert "chosen" not in markdown and "selection" not in markdown
+
+
+def test_the_best_chance_grid_trains_the_full_model_conditioned_and_constant_at_the_best_chance_settings(tmp_path, monkeypatch):
+    configs = {}  # folder -> the config it trained
+
+    def fake_train(config, folder, **_):
+        configs[folder.relative_to(tmp_path).as_posix()] = config
+        loss = {"base": 3.5, "chameleon": 3.0}.get(config.regime, 3.2) + config.seed / 100
+        folder.mkdir(parents=True)
+        rows = {"keys": ["a", "b"], "loss": [loss, loss + 0.1], "targets": [1, 1]}
+        (folder / "rows.json").write_text(json.dumps({"eval": rows, "eval_shuffled_condition": rows}))
+        return {**_fake_run(config), "eval": {"loss": loss, "ppl": 2.0}}
+
+    monkeypatch.setattr(reproduce_module, "train", fake_train)
+    results = reproduce_module.reproduce(TrainConfig(selection_rows=8, patience=1), tmp_path / "set", protocols=("causal",),
+                                         seeds=[0, 1], ablation_seeds=[0], show_progress=False, grid="best-chance")
+    assert sorted(configs) == sorted(["set/runs/causal/base/seed0", *(f"set/runs/causal/{row}/seed{seed}" for seed in (0, 1)
+                                      for row in ("chameleon-best-chance", "chameleon-constant-best-chance"))])
+    assert {(c.regime, c.hyper_dropout, c.hyper_init, c.condition_source) for c in configs.values() if c.regime != "base"} == {
+        (regime, 0.0, "lora", "hidden") for regime in ("chameleon", "chameleon-constant")}
+    block = results["protocols"]["causal"]
+    assert set(block["table"]) == {*BEST_GRID, shuffled_row(FULL_BEST)} and results["setup"]["grid"] == "best-chance"
+    twin = next(p for p in block["paired"] if (p["row"], p["reference"]) == (FULL_BEST, "chameleon-constant, best chance"))
+    assert twin["paired"]["per_seed"] == pytest.approx([-0.2, -0.2])
+    assert "hyper-network settings per row (below)" in (tmp_path / "set" / "results.md").read_text()
+    findings = findings_section(result_sets(tmp_path))
+    assert "**The full model at the best-chance settings (`random:tiny-gpt2`, synthetic: static LoRA on every projection" in findings
+    assert "In words: `chameleon, best chance` beats its constant-input twin, and another cluster's condition is " in findings
+    assert "| `random:tiny-gpt2`, synthetic |" not in findings  # its own paragraph, not a row of the full grids' table
+    with pytest.raises(ValueError, match="the best-chance grid runs at one k"):
+        reproduce_module.reproduce(TrainConfig(), tmp_path / "other", grid="best-chance", k_sweep=[8])
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_grid_without_selection_rows_is_refused_before_anything_is_written(tmp_path):
