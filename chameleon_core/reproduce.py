@@ -210,8 +210,9 @@ def reproduce(
     ``lr_grid`` (needs ``base.selection_rows``): every trained row and seed runs each of these learning
     rates and reports the run with the lowest :func:`selection_loss`; the base row trains nothing and runs once.
     ``grid``: ``full`` (every regime and ablation), ``head-only`` (:data:`HEAD_GRID`, with ``k_sweep`` repeating
-    :data:`HEAD_K_SWEPT`) or ``best-chance`` (:data:`BEST_GRID`, at one k). ``lr_seed``: only this seed of each row runs the grid; the row's other seeds train once,
-    at the learning rate it chose (a third of the runs for a grid of three; each seed still stops on its own epoch).
+    :data:`HEAD_K_SWEPT`) or ``best-chance`` (:data:`BEST_GRID`, at one k). ``lr_seed``: only this seed of each row
+    runs the grid; the row's other seeds train once, at the learning rate it chose (a third of the runs for a grid
+    of three; each seed still stops on its own epoch).
     """
     lrs = check_lr_grid(lr_grid, base)
     if lr_seed is not None and lrs is None:
@@ -411,8 +412,9 @@ FULL_BEST_COMPARISONS = (
 
 
 def _questions(table: dict) -> list[tuple[str, str, str]]:
-    """:data:`COMPARISONS`, :data:`HEAD_COMPARISONS`, :data:`FULL_BEST_COMPARISONS`, and the second for every ``, k=<k>`` the table holds (against
-    the reference's row at that k where there is one), plus each such row against its published-rule twin."""
+    """:data:`COMPARISONS`, :data:`HEAD_COMPARISONS`, :data:`FULL_BEST_COMPARISONS`, and the second for every
+    ``, k=<k>`` the table holds (against the reference's row at that k where there is one), plus each such row
+    against its published-rule twin."""
     questions = [*COMPARISONS, *HEAD_COMPARISONS, *FULL_BEST_COMPARISONS]
     for k in sorted({int(found[1]) for name in table if (found := re.search(r", k=(\d+)$", name))}):
         suffix = f", k={k}"
