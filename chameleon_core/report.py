@@ -295,8 +295,21 @@ def best_chance_findings(sets: list[tuple[Path, dict]]) -> list[str]:
             *([*found, ""] if found else []),
             "In words: " + best_chance_answer(block) + ".",
             "",
+            *([grid_edges({row: table[row] for row in arms if row in table}, setup["lr_grid"]), ""]
+              if setup.get("lr_grid") else []),
         ]
     return lines
+
+
+def grid_edges(table: dict, lrs: list[float]) -> str:
+    """Which rows chose a learning rate at an end of the grid: a wider grid might have chosen otherwise there."""
+    ends = {min(lrs), max(lrs)}
+    at_end = [f"`{row}` {', '.join(f'{lr:g}' for lr in sorted(rates))}" for row, found in table.items()
+              if (rates := {choice["lr"] for choice in found.get("chosen", [])}) & ends]
+    if not at_end:
+        return f"Every row chose a learning rate inside the grid ({min(lrs):g} to {max(lrs):g})."
+    return (f"Chosen at an end of the grid ({min(lrs):g} to {max(lrs):g}), where a wider grid might choose otherwise: "
+            + "; ".join(at_end) + f" ({len(at_end)} of {sum('chosen' in found for found in table.values())} rows).")
 
 
 def _full_best_chance(results: dict, block: dict, sets: list[tuple[Path, dict]]) -> list[str]:
@@ -312,7 +325,7 @@ def _full_best_chance(results: dict, block: dict, sets: list[tuple[Path, dict]])
         f"**The full model at the best-chance settings ({_name(results)}: static LoRA on every projection plus the "
         f"hyper-LoRA head, hyper-network dropout 0, its output starting as a working LoRA, the frozen model's hidden "
         f"states as the condition; {block['rows']['train']:,} training rows, {block['k']} clusters; learning rate "
-        f"{setup['lr']:g}{_head_grid_choice(results, sets)}; the epoch (up to {setup['epochs']}) chosen on "
+        f"{setup['lr']:g}{head_grid_choice(results, sets)}; the epoch (up to {setup['epochs']}) chosen on "
         f"{block['rows'].get('selection', 0):,} selection rows; "
         + (f"seeds per arm so far: up to {seeds})** " if seeds else "no trained arm has finished yet)** ")
         + "Validation loss: " + ", ".join(f"{row} {_arm(table, row)}" for row in BEST_GRID) + ".",
@@ -323,14 +336,15 @@ def _full_best_chance(results: dict, block: dict, sets: list[tuple[Path, dict]])
     ]
 
 
-def _head_grid_choice(results: dict, sets: list[tuple[Path, dict]]) -> str:
+def head_grid_choice(results: dict, sets: list[tuple[Path, dict]]) -> str:
     """Where the head-only grid of the same model and data chose a learning rate for its best-chance head, which one."""
     for _, other in sets:
         table = other["protocols"].get("causal", {}).get("table", {})
         same = all(other["setup"].get(key) == results["setup"].get(key) for key in ("model", "dataset", "max_train_rows"))
         if _grid(other) == "head-only" and same and (chosen := table.get(BEST, {}).get("chosen")):
             rates = sorted({c["lr"] for c in chosen})
-            return f" (the head-only grid chose {', '.join(f'{lr:g}' for lr in rates)} for `{BEST}`)"
+            other_rate = "" if results["setup"]["lr"] in rates else ", not this rate"
+            return f" (the head-only grid chose {', '.join(f'{lr:g}' for lr in rates)} for `{BEST}`{other_rate})"
     return ""
 
 
@@ -340,14 +354,18 @@ def _swept(table: dict) -> list[int]:
 
 
 def best_chance_answer(block: dict) -> str:
-    """Whether any setting of a head-only grid makes conditioning beat its constant twin and parameter-matched LoRA."""
+    """Whether any setting of a head-only grid makes conditioning beat its constant twin and parameter-matched LoRA,
+    and whether another cluster's condition costs it anything (a gain the wrong condition keeps is not the
+    condition's)."""
     answers = []
     for row, twin in (("chameleon-head", "chameleon-head-constant"), (BEST, "chameleon-head-constant, best chance")):
         for suffix in ["", *(f", k={k}" for k in _swept(block["table"]))] if row == BEST else [""]:
             constant, matched = _said(block, row + suffix, twin + suffix), _said(block, row + suffix, "lora-head-matched")
+            shuffled = _said(block, shuffled_row(row + suffix), row + suffix)
             if constant is not None and matched is not None:
-                answers.append(f"`{row + suffix}` {VERBS[constant]} its constant-input twin and {VERBS[matched]} head-only "
-                               "LoRA with as many parameters")
+                swap = f" (given another cluster's condition: {shuffled})" if shuffled is not None else ""
+                answers.append(f"`{row + suffix}` {VERBS[constant]} its constant-input twin{swap} and {VERBS[matched]} "
+                               "head-only LoRA with as many parameters")
     return "; ".join(answers) if answers else "the answer waits for runs that have not finished yet"
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from chameleon_core import reproduce as reproduce_module
-from chameleon_core.report import findings_section, result_sets, write_readme
+from chameleon_core.report import findings_section, grid_edges, head_grid_choice, result_sets, write_readme
 from chameleon_core.regimes import CONDITIONED, HEAD_ONLY
 from chameleon_core.reproduce import (
     ABLATIONS, BEST, BEST_CHANCE, BEST_GRID, FULL_BEST, HEAD_GRID, HEAD_K_SWEPT, HEADLINE, SHUFFLED, SHUFFLED_ROWS, comparisons,
@@ -109,6 +109,7 @@ def test_reproduce_head_only_grid_trains_every_arm_on_cached_states(early_run, t
     findings = findings_section(result_sets(root))
     assert "**Conditioning's best chance (`random:tiny-gpt2`, synthetic, head-only grid" in findings
     assert "In words: `chameleon-head` " in findings and "`chameleon-head, best chance, k=2` " in findings
+    assert findings.count("its constant-input twin (given another cluster's condition: ") == 3  # published, best, k=2
     assert "| `random:tiny-gpt2`, synthetic |" not in findings
     # gathering the finished runs again writes the same results
     written = (out / "results.json").read_text()
@@ -116,6 +117,29 @@ def test_reproduce_head_only_grid_trains_every_arm_on_cached_states(early_run, t
     reproduce(TrainConfig(**setup), out, ("causal",), [0, 1], [0], [2], show_progress=False, collect_only=True,
               lr_grid=results["setup"]["lr_grid"], grid="head-only")
     assert (out / "results.json").read_text() == written
+
+
+def test_report_names_the_rows_whose_learning_rate_sits_at_an_end_of_the_grid():
+    chose = lambda *lrs: {"chosen": [{"seed": seed, "lr": lr} for seed, lr in enumerate(lrs)]}
+    table = {"base": {}, "lora-head": chose(3e-3, 3e-3), "chameleon-head": chose(1e-3),
+             "chameleon-head-constant": chose(1e-4, 1e-3)}
+    said = grid_edges(table, [1e-4, 1e-3, 3e-3])
+    assert said == ("Chosen at an end of the grid (0.0001 to 0.003), where a wider grid might choose otherwise: "
+                    "`lora-head` 0.003; `chameleon-head-constant` 0.0001, 0.001 (2 of 3 rows).")
+    assert grid_edges({"chameleon-head": chose(1e-3)}, [1e-4, 1e-3, 1e-2]) == (
+        "Every row chose a learning rate inside the grid (0.0001 to 0.01).")
+
+
+def test_the_full_best_chance_paragraph_says_whether_it_ran_at_the_rate_the_head_only_grid_chose():
+    same = {"model": "smollm2", "dataset": "wikitext", "max_train_rows": 800}
+    head = {"setup": {**same, "grid": "head-only"},
+            "protocols": {"causal": {"table": {BEST: {"chosen": [{"seed": 0, "lr": 0.01}, {"seed": 1, "lr": 0.01}]}}}}}
+    full = lambda lr: {"setup": {**same, "grid": "best-chance", "lr": lr}, "protocols": {}}
+    sets = [(Path("head"), head), (Path("full"), full(0.01))]
+    assert head_grid_choice(full(0.01), sets) == f" (the head-only grid chose 0.01 for `{BEST}`)"
+    assert head_grid_choice(full(0.003), sets) == f" (the head-only grid chose 0.01 for `{BEST}`, not this rate)"
+    other_data = {**head, "setup": {**head["setup"], "dataset": "alpaca"}}
+    assert head_grid_choice(full(0.003), [(Path("head"), other_data)]) == ""
 
 
 @tiny_grid
