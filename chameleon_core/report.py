@@ -277,7 +277,7 @@ def best_chance_findings(sets: list[tuple[Path, dict]]) -> list[str]:
         if _grid(results) != "head-only" or block is None:
             continue
         table = block["table"]
-        arms = [*HEAD_GRID, *(f"{name}, k={k}" for k in _swept(table) for name in HEAD_K_SWEPT)]
+        arms = [*HEAD_GRID, *(f"{name}, k={k}" for k in swept(table) for name in HEAD_K_SWEPT)]
         seeds = max((len(table[row]["seeds"]) for row in arms if row in table and row != "base"), default=0)
         lrs = ", ".join(f"{lr:g}" for lr in setup.get("lr_grid", [setup["lr"]]))
         if setup.get("lr_seed") is not None:
@@ -303,12 +303,12 @@ def best_chance_findings(sets: list[tuple[Path, dict]]) -> list[str]:
 
 def grid_edges(table: dict, lrs: list[float]) -> str:
     """Which rows chose a learning rate at an end of the grid: a wider grid might have chosen otherwise there."""
-    ends = {min(lrs), max(lrs)}
+    low, high = min(lrs), max(lrs)
     at_end = [f"`{row}` {', '.join(f'{lr:g}' for lr in sorted(rates))}" for row, found in table.items()
-              if (rates := {choice["lr"] for choice in found.get("chosen", [])}) & ends]
+              if (rates := {choice["lr"] for choice in found.get("chosen", [])}) & {low, high}]
     if not at_end:
-        return f"Every row chose a learning rate inside the grid ({min(lrs):g} to {max(lrs):g})."
-    return (f"Chosen at an end of the grid ({min(lrs):g} to {max(lrs):g}), where a wider grid might choose otherwise: "
+        return f"Every row chose a learning rate inside the grid ({low:g} to {high:g})."
+    return (f"Chosen at an end of the grid ({low:g} to {high:g}), where a wider grid might choose otherwise: "
             + "; ".join(at_end) + f" ({len(at_end)} of {sum('chosen' in found for found in table.values())} rows).")
 
 
@@ -348,7 +348,7 @@ def head_grid_choice(results: dict, sets: list[tuple[Path, dict]]) -> str:
     return ""
 
 
-def _swept(table: dict) -> list[int]:
+def swept(table: dict) -> list[int]:
     """The k values of a head-only grid's ``--k-sweep`` rows."""
     return sorted({int(name.rsplit("=", 1)[1]) for name in table if re.fullmatch(rf"{re.escape(BEST)}, k=\d+", name)})
 
@@ -359,7 +359,7 @@ def best_chance_answer(block: dict) -> str:
     condition's)."""
     answers = []
     for row, twin in (("chameleon-head", "chameleon-head-constant"), (BEST, "chameleon-head-constant, best chance")):
-        for suffix in ["", *(f", k={k}" for k in _swept(block["table"]))] if row == BEST else [""]:
+        for suffix in ["", *(f", k={k}" for k in swept(block["table"]))] if row == BEST else [""]:
             constant, matched = _said(block, row + suffix, twin + suffix), _said(block, row + suffix, "lora-head-matched")
             shuffled = _said(block, shuffled_row(row + suffix), row + suffix)
             if constant is not None and matched is not None:
